@@ -1,0 +1,1 @@
+"""moestream.bench: reproducible memory-budget benchmarks (child processes in memory cgroups)."""
