@@ -1,0 +1,81 @@
+"""Qwen2-MoE / Qwen1.5-MoE (``model_type: qwen2_moe``): qkv bias, shared expert with a sigmoid gate.
+
+Routing: softmax over experts, top-k, NOT renormalised unless ``norm_topk_prob``.
+Each MoE layer adds ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``.
+Dense layers follow ``mlp_only_layers`` / ``decoder_sparse_step`` as in transformers.
+
+Knows nothing about files: see ``engine/hf_loading.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import nn
+
+from moestream.convert.errors import UnsupportedModelError
+from moestream.engine.models.base import BaseModelArgs, MoECausalLM
+from moestream.engine.models.blocks import Attention, DenseMLP, MoEBlock, SoftmaxTopKRouter
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    """Qwen2-MoE config (HF field names)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"num_local_experts": "num_experts"}
+
+    model_type: str = "qwen2_moe"
+    intermediate_size: int = 5632
+    moe_intermediate_size: int = 1408
+    shared_expert_intermediate_size: int = 5632
+    num_experts: int = 60
+    num_experts_per_tok: int = 4
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    qkv_bias: bool = True
+    use_sliding_window: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.mlp_only_layers = list(self.mlp_only_layers or [])
+        if self.use_sliding_window:
+            raise UnsupportedModelError("qwen2_moe with use_sliding_window=true is not supported")
+
+    @property
+    def n_routed_experts(self) -> int:
+        return self.num_experts
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size
+
+    @property
+    def top_k(self) -> int:
+        return self.num_experts_per_tok
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Same rule as transformers: not in ``mlp_only_layers`` and on the sparse-step grid."""
+        return (layer_idx not in self.mlp_only_layers and self.num_experts > 0
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
+
+
+class Model(MoECausalLM):
+    """Qwen2-MoE causal LM."""
+
+    args: ModelArgs
+
+    def build_attention(self, layer_idx: int) -> nn.Module:
+        a = self.args
+        return Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                         qkv_bias=a.qkv_bias, o_bias=False, qk_norm=None, eps=a.rms_norm_eps)
+
+    def build_mlp(self, layer_idx: int) -> nn.Module:
+        a = self.args
+        if not a.is_moe_layer(layer_idx):
+            return DenseMLP(a.hidden_size, a.intermediate_size)
+        router = SoftmaxTopKRouter(a.hidden_size, a.num_experts, a.num_experts_per_tok, a.norm_topk_prob)
+        shared = DenseMLP(a.hidden_size, a.shared_expert_intermediate_size)
+        return MoEBlock(layer_idx, router, self.runtime, shared=shared,
+                        shared_gate=nn.Linear(a.hidden_size, 1, bias=False), shared_name="shared_expert")
