@@ -13,16 +13,16 @@ and answers by ``(layer, expert)``.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
+from moestream.convert.hf_checkpoint import ExpertKey, parse_expert_name
+
 # Legend for shape comments: N tokens routed to one expert, H hidden, I expert intermediate, E experts.
 
-_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 @dataclass
@@ -104,20 +104,7 @@ class ExpertProvider(Protocol):
         """Counters for reporting (hits, misses, bytes read, ...)."""
 
 
-def parse_expert_name(name: str) -> tuple[int, int, str] | None:
-    """Parse a canonical routed-expert tensor name.
-
-    Args:
-        name: canonical tensor name.
-
-    Returns:
-        ``(layer, expert, proj)`` with proj in ``gate_proj``/``up_proj``/``down_proj``,
-        or ``None`` when the name is not a routed expert tensor.
-    """
-    m = _EXPERT_RE.match(name)
-    if m is None:
-        return None
-    return int(m.group(1)), int(m.group(2)), m.group(3)
+__all__ = ["ExpertKey", "ExpertProvider", "ExpertView", "ResidentExperts", "parse_expert_name"]
 
 
 class ResidentExperts:

@@ -1,0 +1,306 @@
+"""Lazy reading of Hugging Face checkpoints and the ONE canonical tensor naming.
+
+Owns :class:`HFCheckpoint` (``config.json`` + safetensors, single file or
+sharded via ``model.safetensors.index.json``, read tensor by tensor with
+``safe_open``) and the canonical naming of docs/DESIGN.md, which the engine
+and the shard format both use:
+
+- non-expert tensors keep their HF name, except Mixtral's
+  ``block_sparse_moe.`` which becomes ``mlp.``;
+- routed experts are ``model.layers.{L}.mlp.experts.{E}.{gate_proj,up_proj,down_proj}.weight``
+  with gate/up ``[I, H]`` and down ``[H, I]`` (Mixtral ``w1/w3/w2`` renamed;
+  fused 3-D ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` split per expert);
+- rotary ``inv_freq`` buffers and layers past ``num_hidden_layers`` (e.g.
+  DeepSeek-V3's multi-token-prediction layer) are not part of the model and
+  are skipped.
+
+Typical use (what ``convert/shards.py`` and ``engine/hf_loading.py`` do)::
+
+    ckpt = HFCheckpoint.open("path/to/hf_dir")
+    for canonical, hf_name in ckpt.canonical_items():
+        tensor = ckpt.read_canonical(canonical)     # stored dtype, canonical shape
+        key = parse_expert_name(canonical)           # ExpertKey or None
+
+Knows nothing about model math, the engine, or the shard format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import torch
+
+from moestream.convert.errors import ModelFormatError
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+#: Canonical routed-expert tensor name.
+EXPERT_NAME = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+#: Projections of one routed expert, in the order they are stored/written.
+EXPERT_PROJS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+
+_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_MIXTRAL_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.\d+)\.(w1|w2|w3)\.weight$")
+_MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(\.weight)?$")
+
+
+class ExpertKey(NamedTuple):
+    """Where a canonical routed-expert tensor belongs."""
+
+    layer: int
+    expert: int
+    proj: str  # gate_proj | up_proj | down_proj
+
+
+def parse_expert_name(name: str) -> ExpertKey | None:
+    """Parse a canonical routed-expert name.
+
+    Args:
+        name: canonical tensor name.
+
+    Returns:
+        ``ExpertKey(layer, expert, proj)``, or ``None`` when ``name`` is not a routed expert.
+    """
+    m = _EXPERT_RE.match(name)
+    return None if m is None else ExpertKey(int(m.group(1)), int(m.group(2)), m.group(3))
+
+
+def is_expert_name(name: str) -> bool:
+    """True when ``name`` is a canonical routed-expert tensor."""
+    return _EXPERT_RE.match(name) is not None
+
+
+def expert_name(layer: int, expert: int, proj: str) -> str:
+    """The canonical name of one routed-expert projection."""
+    return EXPERT_NAME.format(layer=layer, expert=expert, proj=proj)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """How to produce one canonical tensor from the file: a whole tensor or a fused slice."""
+
+    hf_name: str
+    expert: int | None = None  # index into a fused [E, ...] tensor
+    part: str | None = None  # "gate" | "up" | "down" for fused tensors
+
+
+def _canonical_plain(hf_name: str) -> str:
+    """Canonical name of a non-fused tensor (Mixtral renames applied)."""
+    name = hf_name.replace(".block_sparse_moe.", ".mlp.")
+    m = _MIXTRAL_EXPERT_RE.match(name)
+    if m:
+        name = f"{m.group(1)}.{_MIXTRAL_PROJ[m.group(2)]}.weight"
+    return name
+
+
+class HFCheckpoint:
+    """An HF model folder opened for lazy, per-tensor reads.
+
+    Attributes:
+        path: the folder.
+        config: parsed ``config.json``.
+        model_type: ``config["model_type"]``.
+    """
+
+    def __init__(self, path: Path, config: dict[str, Any], weight_map: dict[str, str]) -> None:
+        """Use :meth:`open`."""
+        self.path = path
+        self.config = config
+        self.model_type: str = config["model_type"]
+        self._weight_map = weight_map  # hf tensor name -> file name
+        self._handles: dict[str, Any] = {}
+        self._sources: dict[str, _Source] | None = None
+
+    # --- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> "HFCheckpoint":
+        """Open an HF model folder.
+
+        Args:
+            path: folder with ``config.json`` and ``model.safetensors`` or
+                ``model.safetensors.index.json`` + shards.
+
+        Returns:
+            The opened checkpoint (files are opened lazily on first read, all
+            shard headers are checked here).
+
+        Raises:
+            ModelFormatError: missing folder, missing/invalid ``config.json``, no
+                safetensors weights, a missing shard, or a truncated/corrupt file
+                (the message names the file).
+        """
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ModelFormatError(f"{folder}: not a folder; pass a Hugging Face model folder with config.json")
+        config = _read_config(folder / CONFIG_FILE)
+        weight_map = _read_weight_map(folder)
+        ckpt = cls(folder, config, weight_map)
+        for file in sorted(set(weight_map.values())):
+            ckpt._handle(file)  # validate every header now: fail early, naming the file
+        return ckpt
+
+    def _handle(self, file: str) -> Any:
+        h = self._handles.get(file)
+        if h is None:
+            from safetensors import SafetensorError, safe_open
+
+            full = self.path / file
+            if not full.is_file():
+                raise ModelFormatError(f"{full}: weight file listed in {INDEX_FILE} is missing; re-download the model")
+            try:
+                h = safe_open(str(full), framework="pt")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise ModelFormatError(f"{full}: not a readable safetensors file ({exc}); "
+                                       "it may be truncated, re-download it") from exc
+            self._handles[file] = h
+        return h
+
+    def close(self) -> None:
+        """Drop open file handles (reads reopen them)."""
+        self._handles.clear()
+
+    # --- HF names ----------------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        """Every tensor name as stored on disk (HF naming), sorted."""
+        return sorted(self._weight_map)
+
+    def read(self, hf_name: str) -> torch.Tensor:
+        """Read one tensor by its on-disk name, in its stored dtype.
+
+        Raises:
+            KeyError: unknown name.
+            ModelFormatError: the file cannot be read (names the file).
+        """
+        file = self._weight_map[hf_name]
+        handle = self._handle(file)
+        try:
+            return handle.get_tensor(hf_name)
+        except Exception as exc:  # safetensors raises its own error types for bad data
+            raise ModelFormatError(f"{self.path / file}: cannot read tensor {hf_name} ({exc}); "
+                                   "the file may be truncated, re-download it") from exc
+
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        """Stored shape of a tensor without reading its data."""
+        return tuple(self._handle(self._weight_map[hf_name]).get_slice(hf_name).get_shape())
+
+    # --- canonical names ----------------------------------------------------------------------------
+    def _build_sources(self) -> dict[str, _Source]:
+        n_layers = self.config.get("num_hidden_layers")
+        hidden = self.config.get("hidden_size")
+        sources: dict[str, _Source] = {}
+        for hf_name in self.tensor_names():
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue
+            m = _LAYER_RE.match(hf_name)
+            if m and n_layers is not None and int(m.group(1)) >= int(n_layers):
+                continue  # e.g. DeepSeek-V3 MTP layer: not part of the causal LM
+            name = _canonical_plain(hf_name)
+            fused = _FUSED_RE.match(name)
+            if fused is None:
+                sources[name] = _Source(hf_name)
+                continue
+            layer, kind = int(fused.group(1)), fused.group(2)
+            shape = self.shape(hf_name)
+            if len(shape) != 3 or (hidden is not None and hidden not in shape[1:]):
+                raise ModelFormatError(f"{self.path}: fused expert tensor {hf_name} has unexpected shape {shape}")
+            parts = ("gate", "up") if kind == "gate_up_proj" else ("down",)
+            for e in range(shape[0]):
+                for part in parts:
+                    sources[expert_name(layer, e, f"{part}_proj")] = _Source(hf_name, e, part)
+        return sources
+
+    def _source_map(self) -> dict[str, _Source]:
+        if self._sources is None:
+            self._sources = self._build_sources()
+        return self._sources
+
+    def canonical_names(self) -> list[str]:
+        """Canonical names: non-expert tensors sorted, then experts by (layer, expert, gate/up/down)."""
+        names = list(self._source_map())
+        dense = sorted(n for n in names if not is_expert_name(n))
+        experts = sorted((n for n in names if is_expert_name(n)),
+                         key=lambda n: (lambda k: (k.layer, k.expert, EXPERT_PROJS.index(k.proj)))(parse_expert_name(n)))
+        return dense + experts
+
+    def canonical_items(self) -> Iterator[tuple[str, str]]:
+        """Yield ``(canonical_name, hf_name)`` in :meth:`canonical_names` order.
+
+        For fused 3-D expert tensors several canonical names share one HF
+        name; use :meth:`read_canonical` to get the right slice.
+        """
+        sources = self._source_map()
+        for name in self.canonical_names():
+            yield name, sources[name].hf_name
+
+    def read_canonical(self, name: str) -> torch.Tensor:
+        """Read one tensor by canonical name, in its stored dtype and canonical shape.
+
+        Raises:
+            KeyError: unknown canonical name.
+            ModelFormatError: unreadable file.
+        """
+        src = self._source_map()[name]
+        if src.expert is None:
+            return self.read(src.hf_name)
+        handle = self._handle(self._weight_map[src.hf_name])
+        sl = handle.get_slice(src.hf_name)
+        t = sl[src.expert]  # [2I, H] for gate_up, [H, I] for down (transformers layout)
+        hidden = self.config.get("hidden_size")
+        if src.part == "down":
+            return t if hidden is None or t.shape[0] == hidden else t.t().contiguous()
+        if hidden is not None and t.shape[1] != hidden:
+            t = t.t().contiguous()  # stored [H, 2I]
+        inter = t.shape[0] // 2
+        return (t[:inter] if src.part == "gate" else t[inter:]).contiguous()
+
+    def is_fused(self) -> bool:
+        """True when routed experts are stored as fused 3-D tensors."""
+        return any(s.expert is not None for s in self._source_map().values())
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: missing; a Hugging Face model folder needs its config.json")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFormatError(f"{path}: not valid JSON ({exc}); re-download or fix the file") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelFormatError(f"{path}: has no 'model_type' string; is this a transformers model config?")
+    return config
+
+
+def _read_weight_map(folder: Path) -> dict[str, str]:
+    index = folder / INDEX_FILE
+    single = folder / SINGLE_FILE
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = dict(data["weight_map"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ModelFormatError(f"{index}: not a valid safetensors index ({exc}); re-download it") from exc
+        for file in sorted(set(weight_map.values())):
+            if not (folder / file).is_file():
+                raise ModelFormatError(f"{folder / file}: shard listed in {INDEX_FILE} is missing; re-download it")
+        return weight_map
+    if single.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return {k: SINGLE_FILE for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelFormatError(f"{single}: not a readable safetensors file ({exc}); "
+                                   "it may be truncated, re-download it") from exc
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise ModelFormatError(f"{folder}: only PyTorch .bin weights found; moestream reads safetensors "
+                               "(re-save with save_pretrained(safe_serialization=True))")
+    raise ModelFormatError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; the model weights are missing")

@@ -1,0 +1,90 @@
+"""Load a Hugging Face checkpoint straight into an engine model (the full-precision reference path).
+
+Owns :func:`load_hf_model`: open the folder with ``HFCheckpoint``, pick the
+family from ``model_type``, build ``ModelArgs`` and ``Model``, load the dense
+weights by canonical name and put every routed expert in a
+:class:`ResidentExperts` provider.
+
+Knows nothing about the shard format or the streaming scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moestream.convert.errors import ModelFormatError
+from moestream.convert.hf_checkpoint import HFCheckpoint, is_expert_name
+from moestream.engine.experts import ResidentExperts
+from moestream.engine.models import get_model_classes
+from moestream.engine.models.base import BaseModelArgs, MoECausalLM
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Make ``nn.Linear``/``nn.Embedding`` skip their random init (weights are loaded right after)."""
+    names = ("kaiming_uniform_", "uniform_", "normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda t, *a, **k: t)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
+def build_model(model_type: str, config: dict, dtype: torch.dtype = torch.float32) -> tuple[MoECausalLM, BaseModelArgs]:
+    """Build an (uninitialised) model for ``config``.
+
+    Raises:
+        UnsupportedModelError: unknown ``model_type``.
+        ModelFormatError: config lacks required sizes.
+    """
+    model_cls, args_cls = get_model_classes(model_type)
+    args = args_cls.from_config(config)
+    with _skip_weight_init():
+        model = model_cls(args)
+    return model.to(dtype).eval(), args
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MoECausalLM, BaseModelArgs]:
+    """Load an HF model folder with every expert resident in memory.
+
+    Args:
+        path: folder with ``config.json`` and safetensors weights (single or sharded).
+        dtype: compute/storage dtype for dense weights and experts (fp32 is the reference).
+
+    Returns:
+        ``(model, args)``; ``model.expert_provider`` is a :class:`ResidentExperts`.
+
+    Raises:
+        ModelFormatError: missing/invalid config or weights, or tensors that do not match the family.
+        UnsupportedModelError: unknown ``model_type`` (names the supported ones).
+    """
+    ckpt = HFCheckpoint.open(path)
+    model, args = build_model(ckpt.model_type, ckpt.config, dtype)
+    names = ckpt.canonical_names()
+    dense = {n: ckpt.read_canonical(n) for n in names if not is_expert_name(n)}
+    model.load_canonical(dense)
+    experts = ResidentExperts.from_canonical(((n, ckpt.read_canonical(n)) for n in names if is_expert_name(n)), dtype)
+    _check_experts(model, args, experts, ckpt.path)
+    model.set_expert_provider(experts)
+    ckpt.close()
+    return model, args
+
+
+def _check_experts(model: MoECausalLM, args: BaseModelArgs, experts: ResidentExperts, path: Path) -> None:
+    """Every MoE layer must have exactly ``n_routed_experts`` experts in the checkpoint."""
+    moe = model.moe_layers()
+    if experts.layers != moe:
+        raise ModelFormatError(f"{path}: routed experts found for layers {experts.layers}, "
+                               f"the config expects MoE layers {moe}")
+    for layer in moe:
+        if experts.num_experts(layer) != args.n_routed_experts:
+            raise ModelFormatError(f"{path}: layer {layer} has {experts.num_experts(layer)} experts, "
+                                   f"config says {args.n_routed_experts}")
