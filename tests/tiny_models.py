@@ -50,6 +50,22 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     }),
 }
 
+# DeepSeek (MLA): kv heads must equal heads (transformers expands the latent to
+# every head); 8 experts in 4 groups, 2 groups kept; layer 0 dense.
+_DEEPSEEK: dict[str, Any] = {
+    **_COMMON, "num_key_value_heads": 4, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+    "v_head_dim": 12, "n_routed_experts": 8, "n_shared_experts": 1, "moe_intermediate_size": 32,
+    "intermediate_size": 96, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
+    "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+}
+TINY_CONFIGS["deepseek_v2"] = ("DeepseekV2Config", "DeepseekV2ForCausalLM", {
+    **_DEEPSEEK, "q_lora_rank": None, "topk_method": "group_limited_greedy", "norm_topk_prob": False,
+    "routed_scaling_factor": 1.5, "n_shared_experts": 2,
+})
+TINY_CONFIGS["deepseek_v3"] = ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
+    **_DEEPSEEK, "q_lora_rank": 24, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_interleave": True,
+})
+
 
 def build_tiny_hf_model(model_type: str, path: str | Path, seed: int = 0,
                         overrides: dict[str, Any] | None = None) -> torch.nn.Module:
@@ -80,5 +96,8 @@ def build_tiny_hf_model(model_type: str, path: str | Path, seed: int = 0,
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.15)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: non-zero so the bias matters
+                b.normal_(0.0, 0.1)
     model.save_pretrained(str(path))
     return model

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moestream.convert.errors import UnsupportedModelError
 from moestream.engine.kv_cache import LayerCache
 from moestream.engine.models.blocks import RMSNorm, attention_mask, default_inv_freq
 
@@ -92,14 +93,20 @@ def rope_type_of(rope: Mapping[str, Any] | None) -> str:
     return str(rope.get("rope_type", rope.get("type", "default")))
 
 
+def yarn_factor(rope: Mapping[str, Any], max_position_embeddings: int) -> float:
+    """The YaRN ``factor``; when absent, ``max_position_embeddings / original_max_position_embeddings``."""
+    factor = rope.get("factor")
+    if factor is None:
+        original_max = rope.get("original_max_position_embeddings") or max_position_embeddings
+        factor = max_position_embeddings / original_max
+    return float(factor)
+
+
 def _yarn_inv_freq(rope: Mapping[str, Any], dim: int, base: float,
                    max_position_embeddings: int) -> tuple[torch.Tensor, float]:
     """YaRN inverse frequencies and cos/sin factor, as transformers 5.24 ``_compute_yarn_parameters``."""
     original_max = int(rope.get("original_max_position_embeddings") or max_position_embeddings)
-    factor = rope.get("factor")
-    if factor is None:
-        factor = max_position_embeddings / original_max
-    factor = float(factor)
+    factor = yarn_factor(rope, max_position_embeddings)
     attention_factor = rope.get("attention_factor")
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     if attention_factor is None:
@@ -143,7 +150,7 @@ def rope_frequencies(rope: Mapping[str, Any] | None, dim: int, base: float,
         ``(inv_freq [R/2] fp32, attention_scaling)``.
 
     Raises:
-        NotImplementedError: for RoPE types other than ``default`` and ``yarn``.
+        UnsupportedModelError: for RoPE types other than ``default`` and ``yarn``.
     """
     kind = rope_type_of(rope)
     if kind == "default":
@@ -151,17 +158,18 @@ def rope_frequencies(rope: Mapping[str, Any] | None, dim: int, base: float,
     if kind == "yarn":
         assert rope is not None
         return _yarn_inv_freq(rope, dim, base, max_position_embeddings)
-    raise NotImplementedError(
+    raise UnsupportedModelError(
         f"DeepSeek RoPE type {kind!r} is not implemented; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
     )
 
 
-def softmax_scale(qk_head_dim: int, rope: Mapping[str, Any] | None) -> float:
+def softmax_scale(qk_head_dim: int, rope: Mapping[str, Any] | None, max_position_embeddings: int) -> float:
     """``qk_head_dim ** -0.5``, times ``mscale(factor, mscale_all_dim)^2`` for scaled RoPE.
 
     Args:
         qk_head_dim: N + R.
         rope: the config's RoPE dict (or ``None``).
+        max_position_embeddings: from the config (YaRN ``factor`` fallback).
 
     Returns:
         The attention softmax scale (as transformers' ``yarn_apply_mscale``).
@@ -170,7 +178,7 @@ def softmax_scale(qk_head_dim: int, rope: Mapping[str, Any] | None) -> float:
     if rope_type_of(rope) != "default":
         mscale_all_dim = rope.get("mscale_all_dim", 0) if rope else 0
         if mscale_all_dim:
-            m = yarn_get_mscale(float(rope["factor"]), mscale_all_dim)
+            m = yarn_get_mscale(yarn_factor(rope, max_position_embeddings), mscale_all_dim)
             scale = scale * m * m
     return scale
 
