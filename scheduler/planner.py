@@ -1,0 +1,116 @@
+"""The memory planner: one budget in, a MemoryPlan out, or a refusal with the minimum.
+
+Owns the rule that decides whether a model can run under a budget: resident
+bytes (dense weights, routers, shared experts) + KV cache + activation
+workspace + I/O buffers + the arena, where the arena must at least hold one
+token's routed experts at the lowest stored level (k experts in each of the
+L layers, each slot page aligned, plus one alignment page for the arena base).
+Knows nothing about where these byte counts come from (the engine computes
+them from the model) nor about files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .budget import BudgetTooSmallError, MemoryPlan, align_up, format_bytes
+
+DEFAULT_ALIGNMENT = 4096
+
+
+def min_arena_bytes(
+    expert_level_bytes: Sequence[int],
+    experts_per_token_per_layer: int,
+    n_layers: int,
+    alignment: int = DEFAULT_ALIGNMENT,
+) -> int:
+    """Smallest arena that holds one token's experts at the lowest level.
+
+    Args:
+        expert_level_bytes: bytes of one expert at each stored level (any order).
+        experts_per_token_per_layer: top-k.
+        n_layers: number of MoE layers.
+        alignment: slot alignment in bytes.
+
+    Returns:
+        Bytes, including one alignment page for the arena's base address.
+    """
+    lowest = min(expert_level_bytes)
+    return experts_per_token_per_layer * n_layers * align_up(lowest, alignment) + alignment
+
+
+def plan_memory(
+    resident_bytes: int,
+    kv_bytes: int,
+    workspace_bytes: int,
+    io_buffer_bytes: int,
+    expert_level_bytes: Sequence[int],
+    experts_per_token_per_layer: int,
+    n_layers: int,
+    budget: int,
+    alignment: int = DEFAULT_ALIGNMENT,
+) -> MemoryPlan:
+    """Split a budget into resident, KV, workspace, I/O and arena bytes.
+
+    Args:
+        resident_bytes: dense weights, routers and shared experts.
+        kv_bytes: KV cache for the configured context.
+        workspace_bytes: activation workspace.
+        io_buffer_bytes: staging buffers for reads (0 when reads land in the arena).
+        expert_level_bytes: bytes of ONE routed expert at each stored level.
+        experts_per_token_per_layer: top-k.
+        n_layers: number of MoE layers.
+        budget: the budget in bytes (from ``parse_memory``).
+        alignment: arena slot alignment (4096 allows O_DIRECT).
+
+    Returns:
+        A MemoryPlan whose ``arena_bytes`` is everything left over.
+
+    Raises:
+        ValueError: negative sizes, no levels, or k / n_layers < 1.
+        BudgetTooSmallError: the budget is below the minimum; the message and
+            ``minimum_bytes`` give the exact minimum.
+    """
+    _check_inputs(resident_bytes, kv_bytes, workspace_bytes, io_buffer_bytes,
+                  expert_level_bytes, experts_per_token_per_layer, n_layers)
+    fixed = resident_bytes + kv_bytes + workspace_bytes + io_buffer_bytes
+    arena_min = min_arena_bytes(expert_level_bytes, experts_per_token_per_layer, n_layers, alignment)
+    minimum = fixed + arena_min
+    if budget < minimum:
+        raise BudgetTooSmallError(
+            f"memory budget {format_bytes(budget)} ({budget} bytes) is too small: "
+            f"the minimum is {format_bytes(minimum)} ({minimum} bytes) = resident "
+            f"{format_bytes(resident_bytes)} + KV cache {format_bytes(kv_bytes)} + workspace "
+            f"{format_bytes(workspace_bytes)} + I/O buffers {format_bytes(io_buffer_bytes)} + "
+            f"one token's experts at the lowest level {format_bytes(arena_min)}. "
+            f"Give --memory {minimum} or more, or shorten --ctx to shrink the KV cache.",
+            minimum_bytes=minimum,
+            budget_bytes=budget,
+        )
+    return MemoryPlan(
+        budget_bytes=budget,
+        resident_bytes=resident_bytes,
+        kv_bytes=kv_bytes,
+        workspace_bytes=workspace_bytes,
+        io_buffer_bytes=io_buffer_bytes,
+        arena_bytes=budget - fixed,
+        min_budget_bytes=minimum,
+        alignment=alignment,
+        expert_level_bytes=tuple(int(b) for b in expert_level_bytes),
+        experts_per_token_per_layer=experts_per_token_per_layer,
+        n_layers=n_layers,
+    )
+
+
+def _check_inputs(
+    resident: int, kv: int, workspace: int, io: int,
+    level_bytes: Sequence[int], k: int, n_layers: int,
+) -> None:
+    for name, value in (("resident_bytes", resident), ("kv_bytes", kv),
+                        ("workspace_bytes", workspace), ("io_buffer_bytes", io)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if len(level_bytes) == 0 or min(level_bytes) <= 0:
+        raise ValueError(f"expert_level_bytes must list positive sizes, got {list(level_bytes)}")
+    if k < 1 or n_layers < 1:
+        raise ValueError(f"experts_per_token_per_layer and n_layers must be >= 1, got {k}, {n_layers}")
