@@ -24,9 +24,9 @@ from moestream.engine.experts import ResidentExperts
 from moestream.engine.hf_loading import load_hf_model
 from moestream.engine.models import SUPPORTED_MODEL_TYPES, get_model_classes
 
-from tiny_models import build_tiny_hf_model
+from tiny_models import TINY_CONFIGS, build_tiny_hf_model
 
-FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
+FAMILIES = list(TINY_CONFIGS)  # every family with a tiny config (deepseek_v2/v3 included)
 PROMPT_LEN, DECODE_STEPS, GEN_TOKENS, ATOL = 24, 8, 16, 1e-4
 
 torch.set_num_threads(1)
