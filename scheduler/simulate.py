@@ -20,9 +20,11 @@ Trace file (``.npz``, written by ``RoutingTrace.save``)::
 Hit-rate conventions (every simulator here): a token is one batch of
 accesses; an access is a hit if the key is in the cache at the start of its
 token; a first-ever access is a hit while the cache is not yet full
-(pre-warmed). Online policies and Belady never evict a key of the token
-being served (the runtime pins acquired experts), which is what makes
-Belady an upper bound for them. SCH follows the spec's pseudo-code, which
+(pre-warmed). Online policies and Belady never evict a key the current
+token has yet to use (the runtime pins experts it is about to run), so a key
+in the cache at the start of a token is still there when used; that makes
+these hit counts sequential demand-paging hits, for which Belady (MIN) is
+the optimum and an upper bound of every online policy. SCH follows the spec's pseudo-code, which
 has no such pinning.
 """
 
@@ -230,7 +232,7 @@ def simulate_policy(
     policy: CachePolicy,
     hints: Sequence[Sequence[Hashable]] | None = None,
 ) -> int:
-    """Hits of an eviction policy on one access sequence (pre-warmed, pinned token).
+    """Hits of an eviction policy on one access sequence (pre-warmed; unserved keys pinned).
 
     Args:
         tokens: per token, its distinct keys in access order ([T, k] array or lists).
@@ -257,6 +259,7 @@ def simulate_policy(
         if hints is not None:
             policy.on_hint(hints[t])
         for x in row:
+            pinned.discard(x)  # keys of this token still to be served stay pinned
             if x in cache or (x not in seen and len(cache) < capacity):
                 hits += 1
             seen.add(x)
