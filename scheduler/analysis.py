@@ -102,7 +102,7 @@ def srp(trace: RoutingTrace, m: int) -> dict:
 
 
 def hit_rate(trace: RoutingTrace, policy: str, rho: int, scope: str = "layer",
-             m: int = 16, window_tokens: int = 16) -> float:
+             m: int = 16, window_tokens: int = 4) -> float:
     """Mean hit rate (per sequence, then over layers) of a simulator at cache size rho.
 
     Args:
@@ -177,7 +177,7 @@ def analyze(
     rhos: Sequence[int] | None = None,
     policies: Sequence[str] = DEFAULT_POLICIES,
     scopes: Sequence[str] = ("layer", "model"),
-    window_tokens: int = 16,
+    window_tokens: int = 4,
     shuffle_seed: int = 0,
 ) -> dict:
     """The full routing-consistency report, each number beside its shuffled baseline.

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rho", type=int, nargs="+", help="cache sizes in active experts (default 1..E/k)")
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
     p.add_argument("--scope", nargs="+", choices=["layer", "model"], default=["layer", "model"])
-    p.add_argument("--window-tokens", type=int, default=16, help="consistency policy window (tokens)")
+    p.add_argument("--window-tokens", type=int, default=4, help="consistency policy window in tokens (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the time-shuffled baseline")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=run_analyze)
