@@ -262,6 +262,17 @@ def drop_extra_layers(tensors: Mapping[str, Any], num_hidden_layers: int) -> dic
     return out
 
 
+def build_router(args: ModelArgs) -> GroupedTopKRouter:
+    """The routed-expert gate of one MoE layer for these config args.
+
+    Raises:
+        UnsupportedModelError: see :class:`GroupedTopKRouter`.
+    """
+    return GroupedTopKRouter(args.hidden_size, args.n_routed_experts, args.top_k, scoring_func=args.scoring_func,
+                             topk_method=args.topk_method, n_group=args.n_group, topk_group=args.topk_group,
+                             norm_topk_prob=args.renormalise_topk, routed_scaling_factor=args.routed_scaling_factor)
+
+
 class Model(MoECausalLM):
     """DeepSeek-V2 causal LM (also the base of DeepSeek-V3)."""
 
@@ -279,13 +290,6 @@ class Model(MoECausalLM):
         scale = softmax_scale(a.qk_nope_head_dim + a.qk_rope_head_dim, a.rope_scaling, a.max_position_embeddings)
         return MLAttention(a.mla_dims(), scale, rope_interleave=a.rope_interleaved)
 
-    def build_router(self) -> GroupedTopKRouter:
-        """The routed-expert gate of one MoE layer."""
-        a = self.args
-        return GroupedTopKRouter(a.hidden_size, a.n_routed_experts, a.top_k, scoring_func=a.scoring_func,
-                                 topk_method=a.topk_method, n_group=a.n_group, topk_group=a.topk_group,
-                                 norm_topk_prob=a.renormalise_topk, routed_scaling_factor=a.routed_scaling_factor)
-
     def build_mlp(self, layer_idx: int) -> nn.Module:
         a = self.args
         if not a.is_moe_layer(layer_idx):
@@ -293,7 +297,7 @@ class Model(MoECausalLM):
         shared = None
         if a.n_shared_experts:
             shared = DenseMLP(a.hidden_size, a.moe_intermediate_size * a.n_shared_experts)
-        return MoEBlock(layer_idx, self.build_router(), self.runtime, shared=shared, shared_name="shared_experts")
+        return MoEBlock(layer_idx, build_router(a), self.runtime, shared=shared, shared_name="shared_experts")
 
     def load_canonical(self, tensors: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """As :meth:`MoECausalLM.load_canonical`, ignoring layers past ``num_hidden_layers`` (MTP heads)."""
