@@ -6,6 +6,10 @@ consistency policy / SCH(m) / Belady over cache sizes rho = 1..E/k (per-layer
 caches and one model-level cache), every number beside its time-shuffled
 baseline, a knee-of-curve cache-size recommendation, a text report and a
 plot. Knows nothing about models or the runtime; it reads RoutingTrace only.
+
+SCH follows the spec's pseudo-code (no pinning, hits counted at the start
+of a token), so on rare traces it can exceed Belady, which is computed
+under demand-paging rules (see simulate.py); the online policies cannot.
 """
 
 from __future__ import annotations
