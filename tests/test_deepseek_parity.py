@@ -122,6 +122,19 @@ def test_prefill_and_decode_match_transformers(tiny, variant):
     assert _max_err(model(ids[:, 16:PROMPT_LEN], chunked), expected[:, 16:PROMPT_LEN]) < ATOL
 
 
+@pytest.mark.parametrize("variant", ["v2_group_limited", "v3"])
+@torch.no_grad()
+def test_batched_prefill_and_decode(tiny, variant):
+    path, ref = tiny[variant]
+    model, _ = load_hf_model(path)
+    ids = torch.cat([_tokens(PROMPT_LEN + 2, seed=7), _tokens(PROMPT_LEN + 2, seed=8)])  # [2, 26]
+    expected = _ref(ref, ids)
+    cache = model.make_cache(2, 32)
+    assert _max_err(model(ids[:, :PROMPT_LEN], cache), expected[:, :PROMPT_LEN]) < ATOL
+    for i in (PROMPT_LEN, PROMPT_LEN + 1):
+        assert _max_err(model(ids[:, i:i + 1], cache), expected[:, i:i + 1]) < ATOL
+
+
 @pytest.mark.parametrize("variant", PARITY)
 @torch.no_grad()
 def test_greedy_generation_identical(tiny, variant):
