@@ -69,3 +69,12 @@ def build_runtime_model(path: str | Path, seed: int = 0) -> Path:
         "pad_token": "<|endoftext|>", "chat_template": CHATML,
     }, indent=2))
     return path
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for child ``python -m moestream...`` processes: one thread, no progress bars."""
+    import os
+
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    return env
