@@ -28,11 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
@@ -438,6 +437,8 @@ class ShardedModel:
             planes.append({t.name: tensor_from_buffer(raw, t, t.offset - rng.offset) for t in unit.tensors})
         return EXPERT_DECODERS[self.codec](planes)
 
+    decode_expert = decode_expert_bytes  # the name docs/DESIGN.md uses
+
     def read_expert(self, layer: int, expert: int, level: int = 0) -> dict[str, torch.Tensor]:
         """Read and decode one expert level with ONE positioned read of exactly its range.
 
@@ -449,10 +450,11 @@ class ShardedModel:
     # --- summary ---------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """A JSON-ready description: shards, tensor counts, bytes per expert, metadata."""
-        shards = []
-        for p in self.paths:
-            recs = [t for t in self._tensors.values() if t.path == str(p)]
-            shards.append({"path": str(p), "file_bytes": os.path.getsize(p), "tensors": len(recs)})
+        per_file: dict[str, int] = {}
+        for t in self._tensors.values():
+            per_file[t.path] = per_file.get(t.path, 0) + 1
+        shards = [{"path": str(p), "file_bytes": os.path.getsize(p), "tensors": per_file.get(str(p), 0)}
+                  for p in self.paths]
         per_layer = self.experts_by_layer()
         level_bytes: dict[int, list[int]] = {}
         for (layer, expert), planes in self._planes.items():
