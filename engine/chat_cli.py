@@ -50,8 +50,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     Returns:
         0 when the user leaves.
     """
-    from moestream.engine.cli import load_engine, sampling_kwargs
+    from moestream.engine.cli import check_sampling, load_engine, sampling_kwargs
 
+    check_sampling(args)
     engine = load_engine(args)
     try:
         session = ChatSession(engine, sampling_kwargs(args), system=args.system)

@@ -76,6 +76,20 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "stop": args.stop}
 
 
+def check_sampling(args: argparse.Namespace) -> None:
+    """Validate sampling options before spending time on loading.
+
+    Raises:
+        InvalidRequestError: naming the bad option.
+    """
+    from moestream.engine.sampling import InvalidRequestError, SamplingParams
+
+    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   repetition_penalty=args.repetition_penalty)
+    if args.max_tokens < 1:
+        raise InvalidRequestError(f"-n/--max-tokens must be at least 1, got {args.max_tokens}")
+
+
 def load_engine(args: argparse.Namespace) -> Any:
     """Engine.load with the shared model options."""
     from moestream.engine.api import Engine
@@ -122,6 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         0 on success.
     """
     prompt = _read_prompt(args)
+    check_sampling(args)
     engine = load_engine(args)
     try:
         kwargs = sampling_kwargs(args)
