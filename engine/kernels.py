@@ -9,8 +9,9 @@ once when the expert enters the cache, its cost recorded in
 Kernels (all CPU; each equals dequantize-then-matmul within fp32 rounding):
 
 * ``fp32``        — weights decoded to fp32 once (the reference; 4 B/weight held).
-* ``dequant``     — compact planes held; each call decodes a projection into a
-                    reused per-thread scratch buffer and runs an fp32 matmul.
+* ``dequant``     — codes unpacked once to 1 byte per weight (per term for residual);
+                    each call decodes a projection into a reused per-thread scratch
+                    buffer (bit-identical to the reference decode) and runs an fp32 matmul.
 * ``int4``        — matryoshka levels of ≤ 4 bits on ``aten._weight_int4pack_mm_for_cpu``
                     (uniform grid: scale α·2^(8−r), zero α·(8·2^(8−r) + c − z), as the
                     op computes ŵ = (q − 8)·scale + zero per group).
@@ -156,14 +157,40 @@ def _lin_fp32(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _prep_dequant(enc: EncodedTensor, level: int) -> dict[str, Any]:
-    return {"enc": _owned(enc, level), "level": level}
+    """Hold 1 byte per weight per term (unpacked once) so each call is a few vectorised passes."""
+    N, K = enc.shape
+    G = K // enc.group_size
+    codec = _codec(enc)
+    if isinstance(codec, MatryoshkaCodec):
+        codes, alpha, shift, offset = codec.level_codes(enc, level)
+        m8 = (codes.astype(np.int32) << shift).astype(np.uint8)  # 0..255
+        return {"kind": "uniform", "m8": torch.from_numpy(m8.reshape(N, G, -1)),
+                "offset": torch.from_numpy(offset.astype(np.float32))[:, :, None],  # exact integers
+                "alpha": torch.from_numpy(alpha)[:, :, None], "shape": (N, K)}
+    if isinstance(codec, ResidualCodec):
+        terms = codec.plane_terms(enc, level)
+        q1, s1, z1 = terms[0]
+        planes = [(torch.from_numpy(bits.astype(bool).reshape(N, G, -1)),
+                   torch.from_numpy(s2 / 2)[:, :, None]) for bits, s2, _ in terms[1:]]
+        return {"kind": "residual", "q1": torch.from_numpy(q1.reshape(N, G, -1)),
+                "z1": torch.from_numpy(z1)[:, :, None], "s1": torch.from_numpy(s1)[:, :, None],
+                "planes": planes, "shape": (N, K)}
+    return {"kind": "generic", "enc": _owned(enc, level), "level": level, "shape": enc.shape}
 
 
 def _lin_dequant(d: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
-    enc: EncodedTensor = d["enc"]
-    N, K = enc.shape
+    N, K = d["shape"]
     w = scratch(N * K).view(N, K)
-    enc.torch_decode(d["level"], out=w)
+    wg = w.view(d["m8"].shape if d["kind"] == "uniform" else (N, -1, K) if d["kind"] == "generic"
+                else d["q1"].shape)
+    if d["kind"] == "uniform":  # ŵ = α·((q << shift) + offset), same single rounding as the reference
+        wg.copy_(d["m8"]).add_(d["offset"]).mul_(d["alpha"])
+    elif d["kind"] == "residual":  # Ŵ1 = s1·(Q1 − z1); Ŵ += ±s_k — the reference's order
+        wg.copy_(d["q1"]).sub_(d["z1"]).mul_(d["s1"])
+        for bits, sk in d["planes"]:
+            wg.add_(torch.where(bits, sk, -sk))
+    else:
+        d["enc"].torch_decode(d["level"], out=w)
     return F.linear(x, w)
 
 

@@ -91,9 +91,9 @@ def test_dequant_kernel_is_bit_identical_to_fp32_weights(name):
 def test_compact_kernels_hold_fewer_bytes_than_fp32_and_record_prepare_cost():
     enc = expert("matryoshka")
     fp32 = K.prepare(enc, 2, "fp32")
-    for kname in ("dequant", "int4"):
+    for kname, ratio in (("dequant", 3), ("int4", 6)):  # dequant holds 1 B/weight, int4 0.5 B/weight
         v = K.prepare(enc, 2, kname)
-        assert v.nbytes < fp32.nbytes / 4
+        assert v.nbytes < fp32.nbytes / ratio
         assert v.prepare_s > 0 and v.level == 2 and v.bits == 4
         assert not any(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (I, H)
                        for t in v.data["gate_proj"].values())

@@ -21,8 +21,10 @@ zero point, so int4/int8 weight-only kernels can run it. Two slicings:
 
 Group ranges [lo, hi] (always containing 0) are chosen per group by a grid
 search over clipping factors minimising Σ_r λ_r Σ_i h_i (w_i − ŵ_{r,i})²
-(h = calibration diag(XᵀX) per input channel, or 1). The min-max range is
-always a candidate, so the search is never worse than min-max on that
+(h = calibration diag(XᵀX) per input channel, or 1), by default with each
+width's error divided by its min-max error (``normalize``; measured: without
+it the 2-bit term decides alone and the 8-bit level degrades ~600× on
+heavy-tailed weights). The min-max range is always a candidate, so the search is never worse than min-max on that
 objective.
 
 Knows nothing about files, kernels or the engine.
@@ -74,7 +76,7 @@ class MatryoshkaCodec(Codec):
     def __init__(self, level_bits: Sequence[int] = (2, 4, 8), slicing: str = "round",
                  lambdas: Any = None, scale_dtype: str = "f16", search: bool = True,
                  clip_grid: Sequence[float] = DEFAULT_CLIP_GRID,
-                 refine: Sequence[float] = DEFAULT_REFINE) -> None:
+                 refine: Sequence[float] = DEFAULT_REFINE, normalize: bool = True) -> None:
         bits = tuple(int(b) for b in level_bits)
         if not bits or bits[-1] != 8 or any(b2 <= b1 for b1, b2 in zip(bits, bits[1:])) or bits[0] < 1:
             raise ValueError(f"level_bits must increase and end at 8, got {level_bits}")
@@ -101,6 +103,7 @@ class MatryoshkaCodec(Codec):
         self.search = bool(search)
         self.clip_grid = tuple(float(c) for c in clip_grid)
         self.refine = tuple(float(c) for c in refine)
+        self.normalize = bool(normalize)
 
     # ------------------------------------------------------------------ interface
     @property
@@ -111,7 +114,7 @@ class MatryoshkaCodec(Codec):
     def params(self) -> dict[str, Any]:
         return {"level_bits": list(self._bits), "slicing": self.slicing, "lambdas": list(self.lambdas),
                 "scale_dtype": self.scale_dtype, "search": self.search,
-                "clip_grid": list(self.clip_grid), "refine": list(self.refine)}
+                "clip_grid": list(self.clip_grid), "refine": list(self.refine), "normalize": self.normalize}
 
     def stored_bits_per_weight(self, level: int, group_size: int, scale_bytes: int | None = None) -> float:
         sb = scale_bytes if scale_bytes is not None else (2 if self.scale_dtype == "f16" else 4)
@@ -127,13 +130,14 @@ class MatryoshkaCodec(Codec):
         lo = np.minimum(wg.min(axis=2), 0.0).astype(np.float64)
         hi = np.maximum(wg.max(axis=2), 0.0).astype(np.float64)
         best_lo, best_hi = lo.copy(), hi.copy()
-        best_err = self._objective(wg, h, lo, hi)
+        norm = self._norm(wg, h, lo, hi)
+        best_err = self._objective(wg, h, lo, hi, norm)
         if self.search:
             best_c = np.ones_like(lo)
             for c in self.clip_grid:
                 if c == 1.0:
                     continue
-                err = self._objective(wg, h, lo * c, hi * c)
+                err = self._objective(wg, h, lo * c, hi * c, norm)
                 better = err < best_err
                 best_err = np.where(better, err, best_err)
                 best_c = np.where(better, c, best_c)
@@ -144,7 +148,7 @@ class MatryoshkaCodec(Codec):
                     if dl == 0.0 and dh == 0.0:
                         continue
                     clo, chi = lo * np.maximum(best_c + dl, 0.05), hi * np.maximum(best_c + dh, 0.05)
-                    err = self._objective(wg, h, clo, chi)
+                    err = self._objective(wg, h, clo, chi, norm)
                     better = err < best_err
                     best_err = np.where(better, err, best_err)
                     best_lo = np.where(better, clo, best_lo)
@@ -249,26 +253,47 @@ class MatryoshkaCodec(Codec):
             out.append(a * (m - z[:, :, None]).astype(np.float32))
         return out
 
-    def _objective(self, wg: np.ndarray, h: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """λ-weighted, activation-weighted squared error per group [R, G] for ranges [lo, hi]."""
+    def _width_errors(self, wg: np.ndarray, h: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
+        """Activation-weighted squared error per group [R, G] at each width for ranges [lo, hi]."""
         alpha, z = self._scale_zero(lo, hi)
         q8 = self._codes(wg, alpha, z)
-        err = np.zeros(wg.shape[:2], dtype=np.float64)
-        for lam, wh in zip(self.lambdas, self._dequant_all(q8, alpha, z)):
+        return [(h * (wg - wh).astype(np.float64) ** 2).sum(axis=2) for wh in self._dequant_all(q8, alpha, z)]
+
+    def _norm(self, wg: np.ndarray, h: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray] | None:
+        """Per-width min-max errors used to normalise the objective (None when normalize=False)."""
+        if not self.normalize:
+            return None
+        return [np.maximum(e, 1e-30) for e in self._width_errors(wg, h, lo, hi)]
+
+    def _objective(self, wg: np.ndarray, h: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                   norm: list[np.ndarray] | None) -> np.ndarray:
+        """Σ_r λ_r·E_r per group [R, G]; with ``normalize`` each E_r is divided by its min-max value.
+
+        Without normalisation the 2-bit error (largest by far) decides the range alone and the
+        8-bit level inherits heavy clipping; normalising makes λ weigh relative degradations.
+        """
+        errs = self._width_errors(wg, h, lo, hi)
+        total = np.zeros(wg.shape[:2], dtype=np.float64)
+        for j, (lam, e) in enumerate(zip(self.lambdas, errs)):
             if lam:
-                err += lam * (h * (wg - wh).astype(np.float64) ** 2).sum(axis=2)
-        return err
+                total += lam * (e / norm[j] if norm is not None else e)
+        return total
 
     def objective(self, weight: np.ndarray, enc: EncodedTensor,
                   act_scale: np.ndarray | None = None) -> float:
-        """The range-search objective Σ_r λ_r Σ h (w − ŵ_r)² of an encoding (for tests and reports)."""
-        w = np.asarray(weight, dtype=np.float32)
+        """The range-search objective of an encoding summed over groups (for tests and reports)."""
+        w = check_weight(weight, enc.group_size, act_scale)
         R, C = w.shape
-        h = group_weights(act_scale, R, C, enc.group_size).reshape(1, C)
-        total = 0.0
-        for lvl, lam in enumerate(self.lambdas, start=1):
-            total += lam * float((h * (w - enc.reference_decode(lvl)).astype(np.float64) ** 2).sum())
-        return total
+        wg = w.reshape(R, C // enc.group_size, enc.group_size)
+        h = group_weights(act_scale, R, C, enc.group_size)
+        lo = np.minimum(wg.min(axis=2), 0.0).astype(np.float64)
+        hi = np.maximum(wg.max(axis=2), 0.0).astype(np.float64)
+        norm = self._norm(wg, h, lo, hi)
+        total = np.zeros(wg.shape[:2], dtype=np.float64)
+        for j, lam in enumerate(self.lambdas):
+            e = (h * (wg - enc.reference_decode(j + 1).reshape(wg.shape)).astype(np.float64) ** 2).sum(axis=2)
+            total += lam * (e / norm[j] if norm is not None else e)
+        return float(total.sum())
 
 
 class MatryoshkaFloorCodec(MatryoshkaCodec):
