@@ -139,3 +139,15 @@ def test_example_script(model_dir: Path) -> None:
                            "--max-tokens", "6"], capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
     assert "generate:" in proc.stdout and "busy:" in proc.stdout and '"requests": 3' in proc.stdout
+
+
+def test_shard_model_matches_hf_folder(model_dir: Path, tmp_path: Path, engine: Engine) -> None:
+    out = tmp_path / "shards"
+    proc = subprocess.run([sys.executable, "-m", "moestream.engine.cli", "--quiet", "convert", str(model_dir), str(out),
+                           "--dtype", "f32"], capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    with Engine.load(str(out), ctx=128) as sharded:
+        assert sharded.stats()["format"] == "shards"
+        msgs = [{"role": "user", "content": "Hello"}]
+        assert sharded.chat(msgs, max_tokens=8).token_ids == engine.chat(msgs, max_tokens=8).token_ids
+        assert sharded.tokenizer.eos_token_ids == engine.tokenizer.eos_token_ids
