@@ -181,6 +181,53 @@ def _load_shards(path: Path) -> tuple[torch.nn.Module, Tokenizer, dict]:
     return model, tokenizer, {"model_type": args.model_type, "max_position_embeddings": args.max_position_embeddings}
 
 
+def _check_hf_budget(folder: Path, memory_bytes: int | None, ctx: int | None) -> None:
+    """Refuse (before reading weights) an HF folder whose fully resident load exceeds the budget."""
+    if memory_bytes is None:
+        return
+    import json
+
+    from moestream.engine.planning import check_resident_budget, model_footprint
+    from moestream.engine.streaming import default_ctx
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{folder / 'config.json'}: cannot be read ({exc})") from exc
+    fp = model_footprint(config.get("model_type", ""), config, [1], default_ctx(config, ctx, DEFAULT_CTX))
+    check_resident_budget(fp, memory_bytes, str(folder))
+
+
+def _load_shards_streaming(path: Path, memory: str | int | None, ctx: int | None, precision_policy: str,
+                           cache_policy: str) -> tuple[torch.nn.Module, Tokenizer, dict]:
+    """Plan the budget, then load a shard model whose experts stream through the arena.
+
+    Raises:
+        BudgetError: the budget is below the minimum (names it), before any weight is read.
+        ModelFormatError: bad shards, or shards without a tokenizer.
+    """
+    from moestream.convert.shards import ShardedModel
+    from moestream.engine.streaming import load_streaming_model
+
+    with ShardedModel.open(path, verify="off") as reader:
+        if not reader.tokenizer_json:
+            raise ModelFormatError(f"{reader.paths[0]}: the shards carry no tokenizer; convert from an HF folder "
+                                   "that has tokenizer.json")
+        eos = reader.config.get("eos_token_id")
+        tokenizer = Tokenizer.from_str(reader.tokenizer_json, chat_template=reader.chat_template,
+                                       eos_token_ids=[eos] if isinstance(eos, int) else (eos or []))
+    try:
+        loaded = load_streaming_model(path, memory=memory, ctx=ctx if ctx is None else max(int(ctx), 2),
+                                      precision_policy=precision_policy, cache_policy=cache_policy)
+    except ValueError as exc:  # unknown policy names
+        raise MoestreamError(str(exc)) from exc
+    args = loaded.args
+    return loaded.model, tokenizer, {"model_type": args.model_type,
+                                     "max_position_embeddings": args.max_position_embeddings,
+                                     "memory_plan": loaded.plan.as_dict(), "precision_policy": precision_policy,
+                                     "cache_policy": cache_policy}
+
+
 def _move_to(model: torch.nn.Module, device: torch.device, requested: str) -> torch.device:
     """Put the model (and its expert provider) on ``device``; ``auto`` falls back to CPU if it cannot."""
     if device.type == "cpu":
@@ -248,7 +295,7 @@ class Engine:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, path_or_name: str | Path = "default", memory: str | int | None = None, device: str = "auto",
-             ctx: int | None = None) -> "Engine":
+             ctx: int | None = None, precision_policy: str = "exact", cache_policy: str = "lru") -> "Engine":
         """Load a model.
 
         Args:
@@ -257,6 +304,14 @@ class Engine:
                 :meth:`stats` (the planner applies it where the model supports streaming).
             device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
             ctx: context length in tokens (default: min(2048, the model's maximum)).
+            precision_policy: ``exact`` (bit-identical to the resident model) or ``adaptive``
+                (run a late expert at a resident lower level); shard models only.
+            cache_policy: expert cache eviction, ``lru`` | ``lfu`` | ``consistency``; shard models only.
+
+        A moestream shard model is planned BEFORE anything is read (``engine/planning.py``;
+        default budget: a safe fraction of available RAM) and its experts always stream
+        through one fixed arena (``engine/streaming.py``); an HF folder loads fully resident,
+        checked against ``memory`` when one is given.
 
         Returns:
             A ready :class:`Engine`.
@@ -272,7 +327,12 @@ class Engine:
         target = resolve_device(device)
         src = resolve_model_path(path_or_name)
         log.info("loading %s (%s) from %s", src.name, src.kind, src.path)
-        model, tokenizer, info = _load_hf(src.path) if src.kind == "hf" else _load_shards(src.path)
+        if src.kind == "hf":
+            _check_hf_budget(src.path, memory_bytes, ctx)
+            model, tokenizer, info = _load_hf(src.path)
+        else:
+            model, tokenizer, info = _load_shards_streaming(src.path, memory, ctx, precision_policy, cache_policy)
+            memory_bytes = info["memory_plan"]["budget_bytes"]
         limit = int(info.get("max_position_embeddings") or DEFAULT_CTX)
         ctx = min(DEFAULT_CTX, limit) if ctx is None else int(ctx)
         if ctx < 2:
@@ -423,6 +483,7 @@ class Engine:
             "closed": self._closed,
             "last_request": self._last.to_dict() if self._last else None,
             "experts": provider.stats() if provider is not None and hasattr(provider, "stats") else None,
+            "memory_plan": self.info.get("memory_plan"),
         }
 
     def close(self) -> None:

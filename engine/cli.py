@@ -27,7 +27,9 @@ from moestream.convert.errors import MoestreamError
 log = logging.getLogger("moestream")
 
 #: Packages whose ``commands.register(subparsers)`` adds verbs, when importable.
-EXTERNAL_COMMANDS = ("moestream.convert.commands", "moestream.scheduler.commands")
+#: ``engine.commands_streaming`` adds ``doctor`` and ``analyze``; its ``analyze`` wraps
+#: ``scheduler.commands`` (a model + text, or a recorded trace file as before).
+EXTERNAL_COMMANDS = ("moestream.convert.commands", "moestream.engine.commands_streaming")
 
 EPILOG = """examples:
   moestream run MODEL -p "Once upon a time" -n 32      continuation to stdout, stats to stderr
@@ -52,6 +54,11 @@ def add_model_options(p: argparse.ArgumentParser, *, model_optional: bool = Fals
                    help="where to compute (default: auto = cuda, then mps, then cpu)")
     p.add_argument("--ctx", type=int, metavar="N",
                    help="context length in tokens (KV cache size; default: min(2048, model maximum))")
+    p.add_argument("--precision-policy", choices=("exact", "adaptive"), default="exact",
+                   help="streamed experts: exact = wait for the stored bytes (bit-identical to resident); "
+                        "adaptive = run a late expert at a lower resident level (default exact)")
+    p.add_argument("--cache-policy", choices=("lru", "lfu", "consistency"), default="lru",
+                   help="expert cache eviction policy for streamed (moestream shard) models (default lru)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, temperature: float, max_tokens: int) -> None:
@@ -94,7 +101,9 @@ def load_engine(args: argparse.Namespace) -> Any:
     """Engine.load with the shared model options."""
     from moestream.engine.api import Engine
 
-    return Engine.load(args.model, memory=args.memory, device=args.device, ctx=args.ctx)
+    return Engine.load(args.model, memory=args.memory, device=args.device, ctx=args.ctx,
+                       precision_policy=getattr(args, "precision_policy", "exact"),
+                       cache_policy=getattr(args, "cache_policy", "lru"))
 
 
 # ------------------------------------------------------------------------------------------- run

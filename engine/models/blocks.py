@@ -251,6 +251,12 @@ class MoERuntime:
     def __init__(self) -> None:
         self.provider: ExpertProvider | None = None
         self.hooks: list[RoutingHook] = []
+        self.blocks: dict[int, "MoEBlock"] = {}  # layer index -> MoE block (for next-layer prefetch hints)
+
+    def next_block(self, layer: int) -> "MoEBlock | None":
+        """The MoE block of the first MoE layer after ``layer``, or None."""
+        later = [i for i in self.blocks if i > layer]
+        return self.blocks[min(later)] if later else None
 
     def require_provider(self) -> ExpertProvider:
         """The provider, or a clear error when none was set."""
@@ -296,6 +302,7 @@ class MoEBlock(nn.Module):
             self.shared_expert_gate = shared_gate
         else:
             self.shared_expert_gate = None
+        runtime.blocks[layer_idx] = self
 
     @property
     def num_experts(self) -> int:
@@ -323,6 +330,19 @@ class MoEBlock(nn.Module):
             out = out + s
         return out.view(shape)
 
+    def _hint_next(self, provider: ExpertProvider, x: torch.Tensor) -> None:
+        """Prefetch hint: apply the next MoE layer's router to this layer's hidden state ``x [N, H]``.
+
+        Only for providers that set ``wants_hints`` (the resident reference skips the extra router call).
+        Pure with respect to the forward: no hooks run and nothing feeds back into the output.
+        """
+        if not getattr(provider, "wants_hints", False):
+            return
+        nxt = self._runtime.next_block(self.layer_idx)
+        if nxt is not None:
+            pred_ids, pred_w = nxt.gate(x)  # [N, k] each
+            provider.hint(nxt.layer_idx, pred_ids, pred_w)
+
     def _routed_one(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One token: ``x [1, H]``, ``ids/weights [k]`` -> ``[1, H]``, experts in id order."""
         order = torch.argsort(ids)
@@ -331,6 +351,7 @@ class MoEBlock(nn.Module):
         provider = self._runtime.require_provider()
         views = provider.acquire(self.layer_idx, id_list, w_list)
         try:
+            self._hint_next(provider, x)
             out = None
             for e, w in zip(id_list, w_list):
                 y = views[e].ffn(x) * w  # [1, H]
@@ -352,18 +373,26 @@ class MoEBlock(nn.Module):
         count_list = counts[chosen].tolist()
         token_of_slot = order // k  # [N*k] token index of each sorted slot
         w_sorted = flat_w[order]  # [N*k]
+        wsum_list = wsum[chosen].tolist()
         provider = self._runtime.require_provider()
-        views = provider.acquire(self.layer_idx, id_list, wsum[chosen].tolist())
+        # A provider with a fixed arena takes at most ``max_experts_per_acquire`` ids per call; chunks keep
+        # the per-expert arithmetic and its order unchanged, so the result is the same as one call.
+        limit = getattr(provider, "max_experts_per_acquire", None) or len(id_list)
         out = torch.zeros_like(x)
-        try:
-            offset = 0
-            for e, c in zip(id_list, count_list):
-                tok = token_of_slot[offset:offset + c]  # [c]
-                y = views[e].ffn(x[tok]) * w_sorted[offset:offset + c, None]  # [c, H]
-                out.index_add_(0, tok, y)
-                offset += c
-        finally:
-            provider.release(self.layer_idx, id_list)
+        offset = 0
+        for c0 in range(0, len(id_list), limit):
+            ids_c = id_list[c0:c0 + limit]
+            views = provider.acquire(self.layer_idx, ids_c, wsum_list[c0:c0 + limit])
+            try:
+                if c0 == 0:
+                    self._hint_next(provider, x)
+                for e, c in zip(ids_c, count_list[c0:c0 + limit]):
+                    tok = token_of_slot[offset:offset + c]  # [c]
+                    y = views[e].ffn(x[tok]) * w_sorted[offset:offset + c, None]  # [c, H]
+                    out.index_add_(0, tok, y)
+                    offset += c
+            finally:
+                provider.release(self.layer_idx, ids_c)
         return out
 
 

@@ -1,0 +1,373 @@
+"""Streaming routed experts from moestream shards through one fixed arena.
+
+Owns :class:`StreamingExperts`, the :class:`~moestream.engine.experts.ExpertProvider`
+that wraps the scheduler's :class:`~moestream.scheduler.pipeline.StreamingExpertCache`
+over a :class:`~moestream.convert.shard_reader.ShardedModel`:
+
+- arena slots are sized from the plan (``MemoryPlan.arena_bytes``) and never
+  grow; expert bytes are read straight into them (O_DIRECT when aligned, else
+  pread + ``POSIX_FADV_DONTNEED``) and verified with the reader's checksum rule
+  (``verify_expert_bytes``, per plane, once per process by default);
+- decoding builds an :class:`ExpertView` with ``torch.frombuffer`` over the
+  slot: fp32 experts whose gate and up projections are adjacent on disk are
+  used in place (zero copies, ``gate_up`` is one ``[2I, H]`` view); other
+  layouts (f16/bf16 storage, padded projections) are widened into a fixed pool
+  of fp32 scratch buffers allocated once (the planner counts them);
+- ``hint`` forwards layer l+1's predicted experts to the cache (prefetch in
+  hottest-expert-bit-first order); ``stats`` adds the plan and hint counts.
+
+and :func:`load_streaming_model`, which opens the shards (headers only), plans
+the budget BEFORE reading any weight (refusing with the minimum when it is too
+small), then loads dense weights one tensor at a time and installs the
+provider. Shard models are ALWAYS served through the arena: when every expert
+fits, the arena simply holds them all after their first use (one code path,
+one memory accounting). :func:`load_resident_shard_model` is the reference
+path: every expert decoded to fp32 in a :class:`ResidentExperts`.
+
+Knows nothing about tokenization, the generate loop or the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from moestream.convert import constants as C
+from moestream.convert.errors import ModelFormatError
+from moestream.convert.shard_reader import ShardedModel, tensor_from_buffer
+from moestream.engine.experts import ExpertView, ResidentExperts
+from moestream.engine.models.base import MoECausalLM
+from moestream.engine.planning import ModelFootprint, model_footprint, plan_for, resolve_budget
+from moestream.scheduler.arena import ExpertArena
+from moestream.scheduler.budget import MemoryPlan, format_bytes
+from moestream.scheduler.loader import ExpertLoader
+from moestream.scheduler.pipeline import CacheCapacityError, StreamingExpertCache
+from moestream.scheduler.policies import POLICIES, make_policy
+
+log = logging.getLogger("moestream")
+
+CACHE_POLICIES = tuple(POLICIES)  # lru, lfu, consistency
+#: Tokens of history the consistency policy counts (window = tokens x MoE layers x k accesses).
+CONSISTENCY_WINDOW_TOKENS = 4
+DEFAULT_IO_WORKERS = 2
+
+# Legend: H hidden, I expert intermediate.
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one routed expert's projections sit in its stored bytes (same for every expert of a model)."""
+
+    hidden: int
+    inter: int
+    stored_dtype: torch.dtype
+    in_place: bool  # fp32 and gate directly followed by up: views alias the arena
+
+    @property
+    def fp32_bytes(self) -> int:
+        """One expert at fp32."""
+        return 3 * self.hidden * self.inter * 4
+
+
+def expert_layout(reader: ShardedModel) -> ExpertLayout:
+    """Inspect the first stored expert (codec ``none``, one plane).
+
+    Raises:
+        NotImplementedError: a multi-level codec (not produced by the v1 converter).
+        ModelFormatError: the shards hold no routed experts.
+    """
+    keys = reader.expert_keys()
+    if not keys:
+        raise ModelFormatError(f"{reader.paths[0]}: no routed experts stored; is this an MoE model?")
+    layer, expert = keys[0]
+    if reader.n_levels(layer, expert) != 1 or reader.codec != C.CODEC_NONE:
+        raise NotImplementedError(f"streaming {reader.codec!r} experts with {reader.n_levels(layer, expert)} levels "
+                                  "is not implemented yet; only codec 'none' (one level) streams")
+    recs = {}
+    for rec in reader.tensor_records():
+        parsed = C.parse_expert_tensor_name(rec.name)
+        if parsed is not None and parsed[:2] == (layer, expert):
+            recs[parsed[2]] = rec
+    gate, up = recs["gate_proj"], recs["up_proj"]
+    inter, hidden = gate.shape
+    dtype = tensor_from_buffer(torch.zeros(gate.nbytes, dtype=torch.uint8), gate, 0).dtype
+    in_place = dtype == torch.float32 and gate.offset + gate.nbytes == up.offset
+    return ExpertLayout(hidden=int(hidden), inter=int(inter), stored_dtype=dtype, in_place=in_place)
+
+
+class StreamingExperts:
+    """ExpertProvider streaming experts from shards through a fixed arena.
+
+    Args:
+        reader: the opened shard set.
+        plan: the memory plan (its ``arena_bytes`` sizes the arena).
+        cache_policy: ``lru`` | ``lfu`` | ``consistency``.
+        precision_policy: ``exact`` | ``adaptive`` (with one stored level both wait for the exact bytes).
+        n_moe_layers: MoE layers (for the consistency window).
+        top_k: experts per token per layer.
+        n_workers: I/O threads.
+
+    Raises:
+        ValueError: unknown policy names.
+        BudgetError: never (the plan was checked); ``CacheCapacityError`` only on a scheduler bug.
+    """
+
+    wants_hints = True
+
+    def __init__(self, reader: ShardedModel, plan: MemoryPlan, *, cache_policy: str = "lru",
+                 precision_policy: str = "exact", n_moe_layers: int = 1, top_k: int = 1,
+                 n_workers: int = DEFAULT_IO_WORKERS) -> None:
+        if cache_policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {cache_policy!r}; choose one of {sorted(POLICIES)}")
+        self.reader = reader
+        self.plan = plan
+        self.layout = expert_layout(reader)
+        self.n_experts_total = len(reader.expert_keys())
+        slot = plan.slot_bytes(0)
+        n_slots = min((plan.arena_bytes - plan.alignment) // slot, self.n_experts_total)
+        self.arena = ExpertArena([plan.expert_level_bytes[0]], [n_slots], alignment=plan.alignment)
+        self.loader = ExpertLoader(n_workers=n_workers, block_size=plan.alignment)
+        kwargs = {"window": CONSISTENCY_WINDOW_TOKENS * n_moe_layers * top_k} if cache_policy == "consistency" else {}
+        self.cache = StreamingExpertCache(self, self._decode, self.arena, self.loader,
+                                          policy=make_policy(cache_policy, **kwargs),
+                                          precision_policy=precision_policy, verify=self._verify)
+        self.max_experts_per_acquire = n_slots if self.layout.in_place else min(n_slots, top_k)
+        n_scratch = 0 if self.layout.in_place else self.max_experts_per_acquire
+        h, i = self.layout.hidden, self.layout.inter
+        self._scratch = [(torch.empty(2 * i, h), torch.empty(h, i)) for _ in range(n_scratch)]
+        self._scratch_next = 0
+        self._lock = threading.Lock()
+        self._hints = 0
+        self._acquires = 0
+        self._retries = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ scheduler callbacks
+    def range_of(self, layer: int, expert: int, level: int) -> Any:
+        """Byte range of one stored plane (``ExpertSource`` protocol)."""
+        return self.reader.expert_plane_range(layer, expert, level)
+
+    def _verify(self, key: tuple[int, int, int], buf: np.ndarray) -> None:
+        layer, expert, level = key
+        self.reader.verify_expert_bytes(layer, expert, level, buf)
+
+    def _decode(self, layer: int, expert: int, level: int, buffers: list[np.ndarray]) -> ExpertView:
+        """Tensors over the slot bytes (in place for fp32 layouts, else widened into scratch)."""
+        t = self.reader.decode_expert_bytes(layer, expert, level, buffers[0], verify=False)
+        gate, up, down = t["gate_proj"], t["up_proj"], t["down_proj"]
+        i, h = gate.shape
+        if self.layout.in_place:
+            gate_up = torch.empty(0, dtype=torch.float32).set_(gate.untyped_storage(), gate.storage_offset(),
+                                                               (2 * i, h), (h, 1))  # [2I, H] over the slot
+            return ExpertView(gate=gate_up[:i], up=gate_up[i:], down=down, level=level, gate_up=gate_up)
+        gate_up, down32 = self._scratch[self._scratch_next]
+        self._scratch_next += 1
+        gate_up[:i].copy_(gate)
+        gate_up[i:].copy_(up)
+        down32.copy_(down)
+        return ExpertView(gate=gate_up[:i], up=gate_up[i:], down=down32, level=level, gate_up=gate_up)
+
+    # ------------------------------------------------------------------ ExpertProvider
+    def hint(self, layer: int, predicted_ids: torch.Tensor, predicted_weights: torch.Tensor) -> None:
+        """Prefetch layer ``layer``'s predicted experts (never evicts pinned ones)."""
+        self._hints += 1
+        self.cache.hint(layer, predicted_ids, predicted_weights)
+
+    def acquire(self, layer: int, expert_ids: Sequence[int], gate_weights: Sequence[float]) -> dict[int, ExpertView]:
+        """Pin and return the views (waits for loads; see ``StreamingExpertCache.acquire``).
+
+        Raises:
+            RuntimeError: more ids than ``max_experts_per_acquire`` (the MoE block chunks its requests).
+        """
+        ids = [int(e) for e in expert_ids]
+        if len(ids) > self.max_experts_per_acquire:
+            raise RuntimeError(f"acquire of {len(ids)} experts exceeds max_experts_per_acquire="
+                               f"{self.max_experts_per_acquire}; the caller must chunk its requests")
+        self._acquires += 1
+        self._scratch_next = 0
+        try:
+            return self.cache.acquire(layer, ids, gate_weights)
+        except CacheCapacityError:
+            # Slots taken by prefetches still in flight: undo the partial pins, let them land, retry once.
+            self.cache.release(layer, ids)
+            self.cache.wait_idle()
+            self._retries += 1
+            self._scratch_next = 0
+            return self.cache.acquire(layer, ids, gate_weights)
+
+    def release(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Unpin (the slots stay cached until evicted)."""
+        self.cache.release(layer, [int(e) for e in expert_ids])
+
+    def stats(self) -> dict:
+        """Cache counters (hits, misses, prefetch accuracy, bytes read, stalls, per layer) plus the plan."""
+        s = self.cache.stats()
+        s.update(provider="streaming", hints=self._hints, acquires=self._acquires, capacity_retries=self._retries,
+                 arena_slots=sum(self.arena.slot_counts), experts_total=self.n_experts_total,
+                 in_place_views=self.layout.in_place, plan=self.plan.as_dict())
+        return s
+
+    def close(self) -> None:
+        """Wait for in-flight reads and stop the I/O workers."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.cache.wait_idle(timeout=30)
+        finally:
+            self.loader.close()
+
+
+# ---------------------------------------------------------------------------------- loading
+def _largest_dense_bytes(reader: ShardedModel) -> int:
+    return max((reader.dense_record(n).nbytes for n in reader.dense_names()), default=0)
+
+
+def shard_footprint(reader: ShardedModel, ctx: int) -> ModelFootprint:
+    """The footprint of a shard model at context ``ctx`` (reads headers only)."""
+    layout = expert_layout(reader)
+    levels = [max(reader.expert_nbytes(l, e, 0) for l, e in reader.expert_keys())]
+    top_k = _top_k(reader)
+    return model_footprint(reader.model_type, reader.config, levels, ctx,
+                           largest_dense_stored_bytes=_largest_dense_bytes(reader),
+                           scratch_experts=0 if layout.in_place else top_k)
+
+
+def _top_k(reader: ShardedModel) -> int:
+    from moestream.engine.models import get_model_classes
+
+    _, args_cls = get_model_classes(reader.model_type)
+    return int(args_cls.from_config(reader.config).top_k)
+
+
+def default_ctx(config: dict, ctx: int | None, default: int = 2048) -> int:
+    """``ctx`` or min(default, the model's ``max_position_embeddings``)."""
+    if ctx is not None:
+        return int(ctx)
+    return min(default, int(config.get("max_position_embeddings") or default))
+
+
+def load_dense(model: MoECausalLM, reader: ShardedModel) -> None:
+    """Copy every dense tensor into the model, one read at a time (peak: one stored tensor).
+
+    Raises:
+        ModelFormatError: missing/unexpected tensors or shape mismatches (names them).
+    """
+    own = model.state_dict()
+    names = [n for n in reader.dense_names() if not (n == "lm_head.weight" and model.lm_head is None)]
+    missing = sorted(set(own) - set(names))
+    unexpected = sorted(set(names) - set(own))
+    if missing or unexpected:
+        raise ModelFormatError(f"{reader.paths[0]}: shards do not match {model.args.model_type}: missing "
+                               f"{missing[:5]}, unexpected {unexpected[:5]}; re-run convert")
+    with torch.no_grad():
+        for name in names:
+            t = reader.read_dense(name)
+            if tuple(t.shape) != tuple(own[name].shape):
+                raise ModelFormatError(f"{reader.paths[0]}: tensor {name} is {tuple(t.shape)}, the model expects "
+                                       f"{tuple(own[name].shape)}; re-run convert")
+            own[name].copy_(t)
+            del t
+    for p in reader.paths:  # dense bytes were read with buffered preads: drop them from the page cache
+        _drop_page_cache(p)
+
+
+def _drop_page_cache(path: Path) -> None:
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _build(reader: ShardedModel) -> tuple[MoECausalLM, Any]:
+    from moestream.engine.hf_loading import build_model
+
+    return build_model(reader.model_type, reader.config, torch.float32)
+
+
+@dataclass
+class StreamingLoad:
+    """What :func:`load_streaming_model` returns."""
+
+    model: MoECausalLM
+    args: Any
+    reader: ShardedModel
+    plan: MemoryPlan
+    footprint: ModelFootprint
+    ctx: int
+
+
+def load_streaming_model(path: str | Path, *, memory: str | int | None = None, ctx: int | None = None,
+                         precision_policy: str = "exact", cache_policy: str = "lru",
+                         n_workers: int = DEFAULT_IO_WORKERS, verify: str = "once") -> StreamingLoad:
+    """Plan, then load a shard model whose experts stream through the arena.
+
+    Args:
+        path: shard folder or shard-1 file.
+        memory: the budget (``"6GB"``, ``"75%"``, bytes; None: a safe fraction of available RAM).
+        ctx: context length (default: min(2048, the model's maximum)).
+        precision_policy: ``exact`` | ``adaptive``.
+        cache_policy: ``lru`` | ``lfu`` | ``consistency``.
+        n_workers: I/O threads.
+        verify: checksum policy (``once`` | ``always`` | ``off``).
+
+    Returns:
+        A :class:`StreamingLoad`; ``model.expert_provider`` is a :class:`StreamingExperts`.
+
+    Raises:
+        BudgetError: the budget is too small (raised before any weight is read; names the minimum).
+        ModelFormatError / ChecksumError: bad shards. UnsupportedModelError: unknown family.
+        ValueError: unknown policy names.
+    """
+    if precision_policy not in ("exact", "adaptive"):
+        raise ValueError(f"precision_policy must be 'exact' or 'adaptive', got {precision_policy!r}")
+    if cache_policy not in POLICIES:
+        raise ValueError(f"cache_policy must be one of {sorted(POLICIES)}, got {cache_policy!r}")
+    budget = resolve_budget(memory)
+    reader = ShardedModel.open(path, verify=verify)
+    try:
+        ctx = default_ctx(reader.config, ctx)
+        fp = shard_footprint(reader, ctx)
+        plan = plan_for(fp, budget)
+        log.info("memory plan: budget %s = resident %s + KV %s + workspace %s + I/O %s + expert arena %s "
+                 "(minimum %s)", format_bytes(budget), format_bytes(plan.resident_bytes), format_bytes(plan.kv_bytes),
+                 format_bytes(plan.workspace_bytes), format_bytes(plan.io_buffer_bytes),
+                 format_bytes(plan.arena_bytes), format_bytes(plan.min_budget_bytes))
+        model, args = _build(reader)
+        load_dense(model, reader)
+        provider = StreamingExperts(reader, plan, cache_policy=cache_policy, precision_policy=precision_policy,
+                                    n_moe_layers=len(model.moe_layers()), top_k=int(args.top_k), n_workers=n_workers)
+    except BaseException:
+        reader.close()
+        raise
+    model.set_expert_provider(provider)
+    return StreamingLoad(model, args, reader, plan, fp, ctx)
+
+
+def load_resident_shard_model(path: str | Path, verify: str = "once") -> tuple[MoECausalLM, Any, ShardedModel]:
+    """The reference: a shard model with every expert decoded to fp32 and resident (no budget).
+
+    Returns:
+        ``(model, args, reader)``; ``model.expert_provider`` is a :class:`ResidentExperts`.
+    """
+    reader = ShardedModel.open(path, verify=verify)
+    model, args = _build(reader)
+    load_dense(model, reader)
+
+    def items():
+        for layer, expert in reader.expert_keys():
+            for proj, t in reader.read_expert(layer, expert, 0).items():
+                yield f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight", t
+
+    model.set_expert_provider(ResidentExperts.from_canonical(items(), torch.float32))
+    return model, args, reader
