@@ -35,10 +35,10 @@ from moestream.scheduler.budget import (BudgetTooSmallError, MemoryPlan, MemoryS
 from moestream.scheduler.planner import DEFAULT_ALIGNMENT, min_arena_bytes, plan_memory
 
 #: Memory the process holds whatever the model (interpreter, torch, numpy, tokenizer, allocator slack).
-#: Measured: ``import moestream.engine.api`` is ~150 MiB unique set size on CPU; a forward adds thread
-#: pools and allocator arenas. Override with the ``MOESTREAM_RUNTIME_RESERVE`` environment variable (bytes
-#: or a size such as ``300MiB``).
-RUNTIME_RESERVE_BYTES = 320 * 2**20
+#: Measured: ``import moestream.engine.api`` is ~150 MiB unique set size on CPU; a tiny model's
+#: ``moestream run`` peaks at 320-350 MiB of cgroup usage (anonymous + library pages) with no limit.
+#: Override with the ``MOESTREAM_RUNTIME_RESERVE`` environment variable (bytes or a size such as ``300MiB``).
+RUNTIME_RESERVE_BYTES = 384 * 2**20
 #: Prompt tokens per forward during prefill (engine/generate.py PREFILL_CHUNK).
 PREFILL_TOKENS = 512
 FP32 = 4
