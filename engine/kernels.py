@@ -307,12 +307,20 @@ register_kernel(Kernel("int4", _sup_int4, _prep_int4, _lin_int4))
 register_kernel(Kernel("int8", _sup_int8, _prep_int8, _lin_int8))
 register_kernel(Kernel("int4_planes", _sup_int4_planes, _prep_int4_planes, _lin_int4_planes))
 
-#: Measured preference per codec family and compute bits (bench/results/kernels_microbench.json);
-#: the first supported entry wins.
-PREFERENCE: dict[str, tuple[str, ...]] = {
-    "matryoshka": ("int4", "int8", "dequant"),
-    "residual": ("int4_planes", "dequant"),
+#: Measured preference per codec family for decode (batch < PREFILL_BATCH) and prefill;
+#: the first supported entry wins. From bench/results/kernels_microbench.md (AMD EPYC, AVX2,
+#: torch 2.13, 2 threads, shared CPU): at batch 1 the int4 op is the fastest compact kernel
+#: (median 26-50 ms vs dequant 40-140 ms per expert), at batch 32 it is 5-10x slower than
+#: dequantize + fp32 matmul. int8 (one call per K-group) never wins; kept for 8-bit parity tests.
+#: NOTE: an fp32-inflated expert ("fp32") is faster still (median 5.7 ms) but holds 4 B/weight.
+PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
+    ("matryoshka", "decode"): ("int4", "dequant"),
+    ("matryoshka", "prefill"): ("dequant",),
+    ("residual", "decode"): ("int4_planes", "dequant"),
+    ("residual", "prefill"): ("dequant",),
 }
+#: Token count from which the prefill preference applies.
+PREFILL_BATCH = 8
 
 
 def kernel_reason(kernel: str, encoded: Mapping[str, EncodedTensor], level: int) -> str | None:
@@ -330,23 +338,32 @@ def kernel_reason(kernel: str, encoded: Mapping[str, EncodedTensor], level: int)
     return None
 
 
-def default_kernel(encoded: Mapping[str, EncodedTensor], level: int) -> str:
-    """The preferred supported kernel for this expert and level (falls back to ``dequant``)."""
+def default_kernel(encoded: Mapping[str, EncodedTensor], level: int, batch: int = 1) -> str:
+    """The preferred supported kernel for this expert, level and typical token count.
+
+    Args:
+        encoded: the expert's projections.
+        level: stored level to run.
+        batch: tokens per call the view will mostly see (decode 1; prefill many).
+    """
     codec = next(iter(encoded.values())).codec
     family = "residual" if codec == "residual" else "matryoshka"
-    for k in PREFERENCE.get(family, ()) + ("dequant",):
+    phase = "prefill" if batch >= PREFILL_BATCH else "decode"
+    for k in PREFERENCE.get((family, phase), ()) + ("dequant",):
         if kernel_reason(k, encoded, level) is None:
             return k
     return "dequant"
 
 
-def prepare(encoded: Mapping[str, EncodedTensor], level: int, kernel: str = "auto") -> KernelView:
+def prepare(encoded: Mapping[str, EncodedTensor], level: int, kernel: str = "auto",
+            batch: int = 1) -> KernelView:
     """Convert an expert's encoded projections into ``kernel``'s layout (once, at cache entry).
 
     Args:
         encoded: {"gate_proj": [I, H], "up_proj": [I, H], "down_proj": [H, I]} EncodedTensors.
         level: stored level 1..L to run.
         kernel: registry name or "auto" (:func:`default_kernel`).
+        batch: typical tokens per call, for "auto".
 
     Returns:
         KernelView whose ``prepare_s`` records the conversion time.
@@ -358,7 +375,7 @@ def prepare(encoded: Mapping[str, EncodedTensor], level: int, kernel: str = "aut
     missing = [p for p in EXPERT_PROJS if p not in encoded]
     if missing:
         raise ValueError(f"expert lacks projections {missing}; expected {list(EXPERT_PROJS)}")
-    name = default_kernel(encoded, level) if kernel == "auto" else kernel
+    name = default_kernel(encoded, level, batch) if kernel == "auto" else kernel
     why = kernel_reason(name, encoded, level)
     if why is not None:
         raise NotImplementedError(f"kernel {name!r} cannot run this expert at level {level}: {why}")

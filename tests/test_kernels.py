@@ -101,8 +101,10 @@ def test_compact_kernels_hold_fewer_bytes_than_fp32_and_record_prepare_cost():
 
 def test_auto_choice_and_errors():
     m, r = expert("matryoshka"), expert("residual")
-    assert K.default_kernel(m, 1) == "int4" and K.default_kernel(m, 3) == K.PREFERENCE["matryoshka"][1]
-    assert K.default_kernel(r, 2) == "int4_planes"
+    assert K.default_kernel(m, 1) == "int4" and K.default_kernel(m, 3) == "dequant"  # 8 bit: no int4
+    assert K.default_kernel(m, 1, batch=32) == "dequant"
+    assert K.default_kernel(r, 2) == "int4_planes" and K.default_kernel(r, 2, batch=32) == "dequant"
+    assert K.prepare(m, 2, batch=64).kernel == "dequant"
     odd = expert("matryoshka", gs=16)  # group 16: int4 op refuses, falls back
     assert K.default_kernel(odd, 1) != "int4"
     assert "group size" in K.kernel_reason("int4", odd, 1)
