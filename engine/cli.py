@@ -28,8 +28,10 @@ log = logging.getLogger("moestream")
 
 #: Packages whose ``commands.register(subparsers)`` adds verbs, when importable.
 #: ``engine.commands_streaming`` adds ``doctor`` and ``analyze``; its ``analyze`` wraps
-#: ``scheduler.commands`` (a model + text, or a recorded trace file as before).
-EXTERNAL_COMMANDS = ("moestream.convert.commands", "moestream.engine.commands_streaming")
+#: ``scheduler.commands`` (a model + text, or a recorded trace file as before). ``bench.commands`` adds
+#: ``bench`` (memory-budget benchmarks; its arms run as child processes, never in this one).
+EXTERNAL_COMMANDS = ("moestream.convert.commands", "moestream.engine.commands_streaming",
+                     "moestream.bench.commands")
 
 EPILOG = """examples:
   moestream run MODEL -p "Once upon a time" -n 32      continuation to stdout, stats to stderr
