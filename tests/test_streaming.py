@@ -159,10 +159,11 @@ def test_engine_default_budget_and_policies(models):
     assert "nope" in str(exc.value)
 
 
-def test_streaming_matches_resident_for_mixtral(tmp_path):
-    """Another family (no shared expert, all layers MoE) through the same path, bit for bit."""
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])
+def test_streaming_matches_resident_for_other_families(tmp_path, family):
+    """Other families (all-MoE; MLA + dense first layer + shared experts; gated shared expert), bit for bit."""
     hf = tmp_path / "hf"
-    build_tiny_hf_model("mixtral", hf, seed=3)
+    build_tiny_hf_model(family, hf, seed=3)
     convert_checkpoint(hf, tmp_path / "sh", dtype="f32", progress=False)
     ref_model, _ = load_hf_model(hf)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
