@@ -1,12 +1,18 @@
-"""The ``convert`` and ``info`` verbs of the ``moestream`` command (thin wrappers).
+"""The ``convert``, ``info`` and ``eval`` verbs of the ``moestream`` command (thin wrappers).
 
-Owns argument parsing for these two verbs: :func:`register` adds them to the
+Owns argument parsing for these verbs: :func:`register` adds them to the
 dispatcher's sub-parsers (``engine/cli.py``), each handler calls a library
 function (:func:`moestream.convert.convert.convert_checkpoint`,
-:func:`moestream.convert.shards.model_info`) and returns an exit code. User
-errors are raised as :class:`MoestreamError` for the dispatcher to print.
-``python -m moestream.convert.commands convert|info ...`` runs them without
-the dispatcher. Knows nothing about the engine.
+:func:`moestream.convert.compress.compress_checkpoint`,
+:func:`moestream.convert.shards.model_info`, :func:`moestream.convert.quality.evaluate`)
+and returns an exit code. User errors are raised as :class:`MoestreamError`
+for the dispatcher to print. ``python -m moestream.convert.commands ...`` runs
+them without the dispatcher.
+
+The library functions take the model (or a loader) as an argument and import
+nothing of the engine; the calibration and ``eval`` handlers here are the one
+place that passes the engine's loaders in (:mod:`moestream.engine.compressed_models`),
+imported inside the handler at call time.
 """
 
 from __future__ import annotations
@@ -15,9 +21,13 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from moestream.convert.errors import MoestreamError
+
+#: The embedded default model's calibration sample (the default ``--calib``).
+DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "engine" / "default_model" / "calibration"
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
@@ -54,7 +64,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", type=parse_size, default="2GB", metavar="SIZE",
                    help="tensor bytes per shard file, e.g. 2GB, 500MB, 1.5GiB; 0 = one file (default 2GB)")
     p.add_argument("--force", action="store_true", help="replace a model already in OUT_DIR")
+    _add_compression_args(p)
     p.set_defaults(func=cmd_convert)
+
+    p = subparsers.add_parser(
+        "eval", help="quality of a (compressed) model against a reference: ppl, KL, top-1 agreement",
+        description="Perplexity of MODEL and REF on held-out text, mean KL(ref||model) of the next-token "
+                    "distributions and top-1 agreement; for a nested-codec shard model, at every stored level "
+                    "(or --level N). Prints a table and writes JSON.")
+    p.add_argument("model", metavar="MODEL", help="moestream shard folder/.gguf or HF folder")
+    p.add_argument("--reference", required=True, metavar="REF", help="the unmodified model (HF folder or shards)")
+    p.add_argument("--text", required=True, nargs="+", metavar="FILE", help="held-out text file(s) or folder(s)")
+    p.add_argument("--level", type=int, default=None, help="evaluate only this nested level (0 = lowest)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--max-windows", type=int, default=32, help="windows evaluated (default 32, spread over the text)")
+    p.add_argument("--json", dest="json_out", metavar="PATH", default=None,
+                   help="write the JSON report here (default: print it after the table)")
+    p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("info", help="describe a converted model (shards, tensors, bytes per expert)",
                               description="Print shards, tensor counts, bytes per expert level, dense bytes "
@@ -64,15 +90,161 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def _add_compression_args(p: argparse.ArgumentParser) -> None:
+    from moestream.convert.calibration import CRITERIA
+    from moestream.convert.compress import EXPERT_CODECS
+    from moestream.convert.convert import DENSE_PRECISIONS
+    from moestream.convert.pruning import PRUNE_MODES
+
+    g = p.add_argument_group("compression (issue 4)")
+    g.add_argument("--codec", default="none", metavar="NAME",
+                   help=f"expert codec: {', '.join(EXPERT_CODECS)} (default none = --dtype); nested codecs store "
+                        "levels as planes (level j = planes 0..j)")
+    g.add_argument("--group-size", type=int, default=128, help="nested codec group length (default 128)")
+    g.add_argument("--prune", type=float, default=0.0, metavar="RATIO",
+                   help="fraction of routed experts to drop per layer, e.g. 0.25 (default 0)")
+    g.add_argument("--criterion", default="reap", metavar="NAME",
+                   help=f"pruning criterion: {', '.join(CRITERIA)} (default reap)")
+    g.add_argument("--prune-mode", default="uniform", metavar="MODE",
+                   help=f"{' | '.join(PRUNE_MODES)}: same count per layer, or per-layer counts from global scores")
+    g.add_argument("--top-k", default=None, metavar="N",
+                   help="experts per token after pruning (one value; per-layer values are not supported yet)")
+    g.add_argument("--size-budget", default=None, metavar="SIZE",
+                   help="bit allocation budget: '4bpw' (average bits per stored expert weight) or '0.02GB' "
+                        "(whole model); chooses each expert's max stored level")
+    g.add_argument("--dense", default="f16", metavar="PREC",
+                   help=f"dense matrix precision: {', '.join(DENSE_PRECISIONS)} (default f16; embeddings, LM head, "
+                        "shared experts and first/last layers get one step more)")
+    g.add_argument("--no-favour", dest="favour", action="store_false",
+                   help="store every dense matrix at --dense (no favoured layers)")
+    g.add_argument("--calib", nargs="+", default=None, metavar="FILE",
+                   help="calibration text file(s)/folder(s) (default: the embedded model's calibration sample)")
+    g.add_argument("--calib-windows", type=int, default=64, help="calibration windows of --calib-seq-len tokens")
+    g.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    g.add_argument("--eval-text", nargs="+", default=None, metavar="FILE",
+                   help="after converting, write quality.json (ppl, KL, top-1 per level vs HF_DIR) beside the shards")
+
+
+def _parse_top_k(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not re.fullmatch(r"\d+", text.strip()):
+        raise NotImplementedError(f"--top-k {text!r}: per-layer top-k needs per-layer router settings the engine's "
+                                  "families do not have yet; give one integer")
+    return int(text)
+
+
+def _compressing(args: argparse.Namespace) -> bool:
+    return (args.codec != "none" or args.prune > 0 or args.size_budget is not None or args.dense != "f16"
+            or args.top_k is not None or args.eval_text is not None or args.calib is not None)
+
+
+def calibration_windows(hf_dir: str | Path, calib: Sequence[str] | None, n_windows: int, seq_len: int) -> list[list[int]]:
+    """Token windows of the calibration text (default: the embedded model's sample).
+
+    Raises:
+        MoestreamError: missing text or tokenizer, or text too short.
+    """
+    from moestream.convert.calibration import read_calibration_text, tokenize_windows
+
+    text = read_calibration_text(calib or [DEFAULT_CALIB])
+    return tokenize_windows(text, Path(hf_dir) / "tokenizer.json", seq_len, max_windows=n_windows)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """Handler of ``moestream convert``."""
     from moestream.convert.convert import convert_checkpoint
     from moestream.convert.shards import format_bytes
 
-    paths = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                               progress=not getattr(args, "quiet", False), overwrite=args.force)
+    progress = not getattr(args, "quiet", False)
+    if not _compressing(args):
+        paths = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                   progress=progress, overwrite=args.force)
+        total = sum(p.stat().st_size for p in paths)
+        print(f"wrote {len(paths)} shard(s), {format_bytes(total)}: {paths[0]}")
+        return 0
+    from moestream.convert.compress import CompressOptions, compress_checkpoint
+    from moestream.engine.compressed_models import load_calibration_model
+
+    opts = CompressOptions(codec=args.codec, group_size=args.group_size, prune=args.prune, criterion=args.criterion,
+                           prune_mode=args.prune_mode, top_k=_parse_top_k(args.top_k), size_budget=args.size_budget,
+                           dense=args.dense, favour=args.favour, dtype=args.dtype)
+    try:
+        opts.validate()
+    except ValueError as exc:
+        raise MoestreamError(str(exc)) from exc
+    windows = None
+    if opts.needs_calibration or opts.codec not in ("none", "gguf_q8_0", "gguf_q4_0"):
+        windows = calibration_windows(args.hf_dir, args.calib, args.calib_windows, args.calib_seq_len)
+    try:
+        paths, record = compress_checkpoint(args.hf_dir, args.out_dir, opts, model_loader=load_calibration_model,
+                                            windows=windows, max_shard_size=args.max_shard_size, progress=progress,
+                                            overwrite=args.force)
+    except ValueError as exc:
+        raise MoestreamError(str(exc)) from exc
     total = sum(p.stat().st_size for p in paths)
     print(f"wrote {len(paths)} shard(s), {format_bytes(total)}: {paths[0]}")
+    if "allocation" in record:
+        a = record["allocation"]
+        print(f"bit allocation ({a['method']}): {a['bpw']:.3f} bits per expert weight, experts per level "
+              f"{a['level_histogram']}")
+    if args.eval_text:
+        report = run_eval(args.out_dir, args.hf_dir, args.eval_text, None, 256, 32)
+        from moestream.convert.quality import format_report, write_report
+
+        out = write_report(report, Path(args.out_dir) / "quality.json")
+        print(format_report(report))
+        print(f"quality report: {out}")
+    return 0
+
+
+def run_eval(model: str | Path, reference: str | Path, text: Sequence[str], level: int | None, seq_len: int,
+             max_windows: int) -> dict:
+    """Evaluate ``model`` (every stored level, or ``level``) against ``reference`` on ``text``.
+
+    Raises:
+        MoestreamError: no tokenizer, text too short, unreadable models.
+    """
+
+    import torch
+
+    from moestream.convert.calibration import read_calibration_text, split_windows
+    from moestream.convert.quality import evaluate
+    from moestream.engine.compressed_models import load_eval_model, stored_levels
+
+    torch.set_grad_enabled(False)
+    ref_model, ref_tok = load_eval_model(reference)
+    tok_text = ref_tok
+    if tok_text is None:
+        _m, tok_text = load_eval_model(model, 0)
+    if tok_text is None:
+        raise MoestreamError("neither MODEL nor REF carries a tokenizer.json; cannot tokenize --text")
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_str(tok_text).encode(read_calibration_text(text), add_special_tokens=False).ids
+    windows = split_windows(ids, seq_len, max_windows, min_tokens=2 * seq_len if seq_len < 1024 else 2)
+    n_levels = stored_levels(model)
+    levels = [level] if level is not None else list(range(n_levels))
+    models = {f"level{lv}": (lambda lv=lv: load_eval_model(model, lv)[0]) for lv in levels}
+    report = evaluate(ref_model, models, windows)
+    report.update({"model": str(model), "reference": str(reference), "levels": levels, "stored_levels": n_levels,
+                   "seq_len": seq_len})
+    return report
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Handler of ``moestream eval``."""
+    from moestream.convert.quality import format_report, write_report
+
+    try:
+        report = run_eval(args.model, args.reference, args.text, args.level, args.seq_len, args.max_windows)
+    except ValueError as exc:
+        raise MoestreamError(str(exc)) from exc
+    print(format_report(report))
+    if args.json_out:
+        print(f"wrote {write_report(report, args.json_out)}")
+    else:
+        print(json.dumps(report, sort_keys=True))
     return 0
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -42,11 +42,17 @@ DTYPES: dict[str, GGMLQuantizationType] = {
     "f16": GGMLQuantizationType.F16,
     "bf16": GGMLQuantizationType.BF16,
 }
+#: Dense precisions beyond the plain dtypes (gguf-py block quantizers; rows must be multiples of 32).
+DENSE_QUANT_TYPES = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0)
+DENSE_PRECISIONS: dict[str, GGMLQuantizationType] = {
+    **DTYPES, "q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
 DEFAULT_MAX_SHARD_SIZE = 2 * 10**9  # bytes of tensor data per shard
 
 # Dense tensors kept in f32 whatever the requested dtype: routers decide which
 # experts run, so they stay exact (llama.cpp keeps ffn_gate_inp in F32 too).
 F32_NAME_SUFFIXES = ("mlp.gate.weight", "mlp.shared_expert_gate.weight", "mlp.gate.e_score_correction_bias")
+#: Per-expert router tensors (one row per routed expert): sliced by pruning.
+ROUTER_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
 # config.json spellings (Hub and transformers 5) of the key hyper-parameters.
 _HPARAMS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -92,6 +98,10 @@ def to_storage_array(t: torch.Tensor, ggml_type: GGMLQuantizationType, name: str
         return t.to(torch.float16).numpy()
     if ggml_type == GGMLQuantizationType.BF16:
         return t.to(torch.bfloat16).view(torch.int16).numpy()
+    if ggml_type in DENSE_QUANT_TYPES:
+        from gguf import quants as gguf_quants
+
+        return gguf_quants.quantize(t.to(torch.float32).numpy(), ggml_type)
     raise NotImplementedError(f"tensor {name}: storage type {ggml_type.name} needs a quantizer (issue 4)")
 
 
@@ -140,10 +150,15 @@ class UnquantizedCodec:
 # --- plan ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DenseEntry:
-    """A dense tensor to store: canonical source name and how it is stored."""
+    """A dense tensor to store: canonical source name and how it is stored.
+
+    ``rows`` (pruning): keep only these rows (dim 0) of the source, in this order
+    (router weights ``[E, H]`` and router biases ``[E]`` sliced with the kept experts).
+    """
 
     decl: TensorDecl
     source: str
+    rows: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -188,19 +203,32 @@ def _canonical_shapes(ckpt: HFCheckpoint) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def plan_conversion(ckpt: HFCheckpoint, dtype: str = "f16", codec: ExpertCodec | None = None) -> ConversionPlan:
+def plan_conversion(ckpt: HFCheckpoint, dtype: str = "f16", codec: ExpertCodec | None = None, *,
+                    kept: Mapping[int, Sequence[int]] | None = None,
+                    planes: Mapping[tuple[int, int], int] | None = None,
+                    dense_type: Callable[[str, tuple[int, ...]], GGMLQuantizationType] | None = None,
+                    config: Mapping[str, object] | None = None,
+                    extra_metadata: Mapping[str, MetaValue] | None = None) -> ConversionPlan:
     """Decide names, types and plane layout of every stored tensor.
 
     Args:
         ckpt: the opened checkpoint.
         dtype: storage dtype of matrices (``f16`` | ``bf16`` | ``f32``).
         codec: expert codec (default: :class:`UnquantizedCodec` in ``dtype``).
+        kept: pruning: MoE layer -> source expert ids to keep, in their new order
+            (renumbered 0..n-1; the layer's router rows and router bias are sliced
+            alike). Layers not listed keep every expert.
+        planes: bit allocation: ``(layer, new expert id)`` -> planes to store
+            (1..codec levels; default all), i.e. the expert's max level + 1.
+        dense_type: storage type of each dense tensor (default :func:`dense_storage_type`).
+        config: the HF config to record (default the checkpoint's; pruning edits it).
+        extra_metadata: more shard-1 keys (e.g. the compression record).
 
     Returns:
         The plan (metadata filled by :func:`build_metadata`).
 
     Raises:
-        ValueError: unknown dtype.
+        ValueError: unknown dtype, a kept id that does not exist, a bad plane count.
         ModelFormatError: an expert lacks a projection or has inconsistent shapes.
     """
     if dtype not in DTYPES:
@@ -209,17 +237,48 @@ def plan_conversion(ckpt: HFCheckpoint, dtype: str = "f16", codec: ExpertCodec |
     shapes = _canonical_shapes(ckpt)
     dense: list[DenseEntry] = []
     expert_shapes: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
+    kept = {int(k): [int(e) for e in v] for k, v in (kept or {}).items()}
     for name, shape in shapes.items():
         key = parse_expert_name(name)
         if key is None:
-            dense.append(DenseEntry(TensorDecl(name, shape, dense_storage_type(name, shape, dtype)), name))
+            rows = _router_rows(name, kept)
+            if rows is not None:
+                shape = (len(rows),) + tuple(shape[1:])
+            stype = dense_type(name, shape) if dense_type else dense_storage_type(name, shape, dtype)
+            dense.append(DenseEntry(TensorDecl(name, shape, stype), name, rows))
         else:
             expert_shapes.setdefault((key.layer, key.expert), {})[key.proj] = shape
+    by_layer: dict[int, list[int]] = {}
+    for layer, expert in expert_shapes:
+        by_layer.setdefault(layer, []).append(expert)
     experts = []
-    for (layer, expert), projs in sorted(expert_shapes.items()):
-        _check_expert_shapes(ckpt.path, layer, expert, projs)
-        experts.append(ExpertEntry(layer, expert, expert, codec.plane_decls(layer, expert, projs)))
-    return ConversionPlan(dense, experts, codec, build_metadata(ckpt, dtype, codec))
+    for layer in sorted(by_layer):
+        sources = kept.get(layer, sorted(by_layer[layer]))
+        missing = sorted(set(sources) - set(by_layer[layer]))
+        if missing:
+            raise ValueError(f"layer {layer}: kept experts {missing[:5]} do not exist in the checkpoint")
+        for new_id, src in enumerate(sources):
+            projs = expert_shapes[(layer, src)]
+            _check_expert_shapes(ckpt.path, layer, src, projs)
+            decls = codec.plane_decls(layer, new_id, projs)
+            n = (planes or {}).get((layer, new_id), len(decls))
+            if not 1 <= n <= len(decls):
+                raise ValueError(f"expert {new_id} of layer {layer}: {n} planes asked, the codec has 1..{len(decls)}")
+            experts.append(ExpertEntry(layer, new_id, src, decls[:n]))
+    meta = build_metadata(ckpt, dtype, codec, config)
+    meta.update(extra_metadata or {})
+    return ConversionPlan(dense, experts, codec, meta)
+
+
+def _router_rows(name: str, kept: Mapping[int, Sequence[int]]) -> tuple[int, ...] | None:
+    """Kept rows of a MoE router weight ``[E, H]`` or router bias ``[E]`` (None: not a pruned router)."""
+    if not kept or not name.startswith("model.layers.") or not name.endswith(ROUTER_SUFFIXES):
+        return None
+    try:
+        layer = int(name.split(".")[2])
+    except ValueError:
+        return None
+    return tuple(kept[layer]) if layer in kept else None
 
 
 def _check_expert_shapes(folder: Path, layer: int, expert: int, projs: Mapping[str, tuple[int, ...]]) -> None:
@@ -252,13 +311,17 @@ def _chat_template(folder: Path) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
-def build_metadata(ckpt: HFCheckpoint, dtype: str, codec: ExpertCodec) -> dict[str, MetaValue]:
+def build_metadata(ckpt: HFCheckpoint, dtype: str, codec: ExpertCodec,
+                   config: Mapping[str, object] | None = None) -> dict[str, MetaValue]:
     """Shard-1 metadata: config JSON, key hyper-parameters, tokenizer, chat template, codec.
+
+    Args:
+        config: the HF config to record (default: the checkpoint's).
 
     Raises:
         ModelFormatError: an unreadable ``tokenizer.json``.
     """
-    cfg = ckpt.config
+    cfg = dict(config) if config is not None else ckpt.config
     meta: dict[str, MetaValue] = {
         C.KEY_NAME: ckpt.path.resolve().name,
         C.KEY_MODEL_TYPE: ckpt.model_type,
@@ -322,12 +385,14 @@ def write_plan(ckpt: HFCheckpoint, plan: ConversionPlan, out_dir: Path, max_shar
                   desc="convert", disable=not progress) as bar:
             for d in plan.dense:
                 t = ckpt.read_canonical(d.source)
+                if d.rows is not None:
+                    t = t[list(d.rows)]
                 _check_shape(ckpt.path, d.source, tuple(t.shape), d.decl.shape)
                 writer.write(d.decl.name, to_storage_array(t, d.decl.ggml_type, d.source))
                 bar.update(padded(d.decl.nbytes))
             for e in plan.experts:
                 tensors = _read_expert(ckpt, e)
-                arrays = plan.codec.encode(e.layer, e.expert, tensors)
+                arrays = plan.codec.encode(e.layer, e.expert, tensors)[:len(e.planes)]  # allocation may cap planes
                 for decls, plane_arrays in zip(e.planes, arrays, strict=True):
                     for decl, arr in zip(decls, plane_arrays, strict=True):
                         writer.write(decl.name, arr)

@@ -51,6 +51,17 @@ TORCH_DTYPES: dict[GGMLQuantizationType, torch.dtype] = {
 }
 
 VERIFY_MODES = ("once", "always", "off")
+#: GGML block-quantized types a dense tensor or a ``gguf_*`` expert plane may use (read as raw bytes,
+#: dequantized to fp32 by :meth:`ShardedModel.read_dense` / the codec's decoder).
+QUANTIZED_TYPES = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0)
+
+
+def _row_count(rec: "TensorRecord") -> int:
+    """Rows of a tensor (product of all but the last dimension)."""
+    n = 1
+    for d in rec.shape[:-1]:
+        n *= int(d)
+    return n
 
 
 class ByteRange(NamedTuple):
@@ -174,6 +185,8 @@ def _as_uint8_tensor(buf: Any) -> torch.Tensor:
 def tensor_from_buffer(raw: torch.Tensor, rec: TensorRecord, start: int) -> torch.Tensor:
     """View ``rec``'s data at ``start`` of the flat uint8 tensor ``raw`` as a typed tensor."""
     dtype = TORCH_DTYPES.get(rec.ggml_type)
+    if dtype is None and rec.ggml_type in QUANTIZED_TYPES:  # GGML block types: raw bytes [rows, row_bytes]
+        return raw[start:start + rec.nbytes].view(_row_count(rec), -1)
     if dtype is None:
         raise NotImplementedError(f"tensor {rec.name}: storage type {rec.ggml_type.name} has no torch decoder yet")
     return raw[start:start + rec.nbytes].view(dtype).view(rec.shape)
@@ -386,7 +399,14 @@ class ShardedModel:
         rng = unit.range
         buf = self._read(rng)
         self._verify_unit(unit, memoryview(buf))
-        return tensor_from_buffer(_as_uint8_tensor(buf), unit.tensors[0], 0)
+        rec = unit.tensors[0]
+        t = tensor_from_buffer(_as_uint8_tensor(buf), rec, 0)
+        if rec.ggml_type in QUANTIZED_TYPES:  # block types: dequantize with gguf-py (fp32, element shape)
+            from gguf import quants as gguf_quants
+
+            return torch.from_numpy(gguf_quants.dequantize(t.numpy(), rec.ggml_type).astype("float32")
+                                    .reshape(rec.shape))
+        return t
 
     def read_expert_bytes(self, layer: int, expert: int, level: int = 0) -> bytearray:
         """Raw bytes of the expert's level range, read with one positioned read (no decoding)."""
@@ -625,3 +645,8 @@ def _attach_digests(shard1: Path, metadata: Mapping[str, Any], units: list[Check
         raise ModelFormatError(f"{shard1}: conversion incomplete, re-run convert (checksums were never filled in)")
     for i, u in enumerate(units):
         u.digest = digests[i * n:(i + 1) * n]
+
+
+# Nested and GGML expert codecs (convert/nested_planes.py) register their decoders on import;
+# imported last so that module finds register_expert_decoder defined.
+from moestream.convert import nested_planes as _nested_planes  # noqa: E402,F401
