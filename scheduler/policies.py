@@ -96,16 +96,23 @@ class ConsistencyPolicy(CachePolicy):
         window: how many most recent accesses are counted.
         hint_weight: weight of one predicted use against one past use.
         hint_ttl: predicted uses expire after this many accesses (default: window).
+        frequency_weight: weight of the long-run expectation, i.e. the key's all-time
+            share of accesses scaled to one window (``count_all * window / clock``);
+            0 (default) is the pure window policy. Popular experts then survive a
+            quiet window, which matters when routing is unbalanced.
     """
 
     name = "consistency"
 
-    def __init__(self, window: int = 64, hint_weight: float = 1.0, hint_ttl: int | None = None) -> None:
+    def __init__(self, window: int = 64, hint_weight: float = 1.0, hint_ttl: int | None = None,
+                 frequency_weight: float = 0.0) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
         self.hint_weight = hint_weight
         self.hint_ttl = window if hint_ttl is None else hint_ttl
+        self.frequency_weight = frequency_weight
+        self._total: Counter = Counter()
         self._clock = 0
         self._recent: deque = deque()
         self._count: Counter = Counter()
@@ -114,6 +121,7 @@ class ConsistencyPolicy(CachePolicy):
 
     def on_access(self, key: Key) -> None:
         self._clock += 1
+        self._total[key] += 1
         self._recent.append(key)
         self._count[key] += 1
         if len(self._recent) > self.window:
@@ -147,10 +155,13 @@ class ConsistencyPolicy(CachePolicy):
                 del self._hints[key]
 
     def score(self, key: Key) -> float:
-        """Recent count plus weighted live predictions."""
+        """Recent count plus weighted live predictions (plus the weighted long-run expectation)."""
         pending = self._hints.get(key)
         live = sum(1 for e in pending if e >= self._clock) if pending else 0
-        return self._count.get(key, 0) + self.hint_weight * live
+        score = self._count.get(key, 0) + self.hint_weight * live
+        if self.frequency_weight and self._clock:
+            score += self.frequency_weight * self._total[key] * self.window / self._clock
+        return score
 
     def victim(self, candidates: Sequence[Key]) -> Key:
         return min(candidates, key=lambda k: (self.score(k), self._last.get(k, 0)))

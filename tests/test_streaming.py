@@ -235,3 +235,23 @@ def test_doctor_and_analyze_cli(models, tmp_path, capsys):
     # the trace-file form still works
     assert main(["analyze", str(out / "trace.npz"), "--rho", "1", "--segment-lengths", "4", "--no-plot"]) == 0
     assert "SRP" in capsys.readouterr().out
+
+
+def test_consistency_frequency_weight_keeps_popular_keys_and_stays_below_belady():
+    from moestream.scheduler.policies import ConsistencyPolicy
+    from moestream.scheduler.simulate import simulate_belady, simulate_policy, synthetic_trace
+
+    pol = ConsistencyPolicy(window=2, frequency_weight=1.0)
+    for key in ["a", "a", "a", "a", "b", "c", "d"]:
+        pol.on_access(key)
+    assert pol.victim(["a", "b"]) == "b"  # "a" fell out of the window but is popular overall
+    plain = ConsistencyPolicy(window=2)
+    for key in ["a", "a", "a", "a", "b", "c", "d"]:
+        plain.on_access(key)
+    assert plain.victim(["a", "b"]) == "a"  # the pure window policy only sees recency
+    trace = synthetic_trace(n_layers=1, n_experts=16, top_k=2, n_sequences=2, seq_len=96, stickiness=0.6)
+    for s in range(trace.n_sequences):
+        tokens = trace.layer_tokens(s, 0)
+        for fw in (0.0, 1.0, 4.0):
+            assert simulate_policy(tokens, 4, ConsistencyPolicy(window=8, frequency_weight=fw)) \
+                <= simulate_belady(tokens, 4)
