@@ -426,8 +426,9 @@ def record_routing(engine: Any, texts: Sequence[tuple[str, str]], window: int = 
         per_layer[str(layer)] = {"recall": float(overlap.mean()), "top1_recall": float(overlap[:, 0].mean()),
                                  "tokens": int(len(act))}
     recalls = [v["recall"] for v in per_layer.values()]
-    prefetch = {"method": "per token: share of layer l+1's routed experts that the hint (layer l+1's router "
-                          "applied to layer l's MoE input) predicted; top1 = the highest-weight expert",
+    prefetch = {"method": "per token: share of layer l+1's routed experts that the engine's hint (layer l+1's "
+                          "pre-MoE norm and router applied to layer l's output hidden state) predicted; "
+                          "top1 = the highest-weight routed expert",
                 "per_layer": per_layer, "mean_recall": float(np.mean(recalls)) if recalls else None,
                 "mean_top1_recall": float(np.mean([v["top1_recall"] for v in per_layer.values()]))
                 if per_layer else None}

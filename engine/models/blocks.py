@@ -258,6 +258,24 @@ class MoERuntime:
         later = [i for i in self.blocks if i > layer]
         return self.blocks[min(later)] if later else None
 
+    def hint_after(self, layer: int, x: torch.Tensor) -> None:
+        """Prefetch hint from decoder layer ``layer``'s output ``x [B, T, H]``.
+
+        Applies the next MoE layer's pre-MoE norm and router to ``x`` (pre-gating) and passes the
+        predicted ids to ``provider.hint``. Only for providers that set ``wants_hints`` (the resident
+        reference skips the extra router call). Pure with respect to the forward: no routing hooks
+        run and nothing feeds back into the output.
+        """
+        provider = self.provider
+        if provider is None or not getattr(provider, "wants_hints", False):
+            return
+        nxt = self.next_block(layer)
+        if nxt is None or nxt.pre_norm is None:
+            return
+        h = nxt.pre_norm(x).reshape(-1, x.shape[-1])  # [N, H]
+        pred_ids, pred_w = nxt.gate(h)  # [N, k] each
+        provider.hint(nxt.layer_idx, pred_ids, pred_w)
+
     def require_provider(self) -> ExpertProvider:
         """The provider, or a clear error when none was set."""
         if self.provider is None:
@@ -303,6 +321,12 @@ class MoEBlock(nn.Module):
         else:
             self.shared_expert_gate = None
         runtime.blocks[layer_idx] = self
+        self._pre_norm: tuple[nn.Module, ...] = ()  # the decoder layer's post-attention norm (not a submodule)
+
+    @property
+    def pre_norm(self) -> nn.Module | None:
+        """The norm applied to this block's input (set by :class:`DecoderLayer`; used for prefetch hints)."""
+        return self._pre_norm[0] if self._pre_norm else None
 
     @property
     def num_experts(self) -> int:
@@ -330,19 +354,6 @@ class MoEBlock(nn.Module):
             out = out + s
         return out.view(shape)
 
-    def _hint_next(self, provider: ExpertProvider, x: torch.Tensor) -> None:
-        """Prefetch hint: apply the next MoE layer's router to this layer's hidden state ``x [N, H]``.
-
-        Only for providers that set ``wants_hints`` (the resident reference skips the extra router call).
-        Pure with respect to the forward: no hooks run and nothing feeds back into the output.
-        """
-        if not getattr(provider, "wants_hints", False):
-            return
-        nxt = self._runtime.next_block(self.layer_idx)
-        if nxt is not None:
-            pred_ids, pred_w = nxt.gate(x)  # [N, k] each
-            provider.hint(nxt.layer_idx, pred_ids, pred_w)
-
     def _routed_one(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One token: ``x [1, H]``, ``ids/weights [k]`` -> ``[1, H]``, experts in id order."""
         order = torch.argsort(ids)
@@ -351,7 +362,6 @@ class MoEBlock(nn.Module):
         provider = self._runtime.require_provider()
         views = provider.acquire(self.layer_idx, id_list, w_list)
         try:
-            self._hint_next(provider, x)
             out = None
             for e, w in zip(id_list, w_list):
                 y = views[e].ffn(x) * w  # [1, H]
@@ -384,8 +394,6 @@ class MoEBlock(nn.Module):
             ids_c = id_list[c0:c0 + limit]
             views = provider.acquire(self.layer_idx, ids_c, wsum_list[c0:c0 + limit])
             try:
-                if c0 == 0:
-                    self._hint_next(provider, x)
                 for e, c in zip(ids_c, count_list[c0:c0 + limit]):
                     tok = token_of_slot[offset:offset + c]  # [c]
                     y = views[e].ffn(x[tok]) * w_sorted[offset:offset + c, None]  # [c, H]
@@ -410,8 +418,13 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        if isinstance(mlp, MoEBlock):
+            mlp._pre_norm = (self.post_attention_layernorm,)  # a tuple: no second state-dict entry
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 cache: LayerCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        if isinstance(self.mlp, MoEBlock):  # prefetch: the next MoE layer's router on this layer's output
+            self.mlp._runtime.hint_after(self.mlp.layer_idx, x)
+        return x
