@@ -62,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", nargs="+", default=["exact"], choices=("exact", "adaptive"),
                    help="moestream precision policies (one arm each)")
     p.add_argument("--llama", nargs="+", metavar="QTYPE", help="llama.cpp formats to run (default per suite)")
+    p.add_argument("--moestream", nargs="+", metavar="DTYPE",
+                   help="moestream shard formats from the data folder's paths.json (default: all listed)")
+    p.add_argument("--profile", action="store_true",
+                   help="resident suite: profile decode steps of each moestream arm (torch.profiler + cProfile)")
     p.add_argument("--mode", choices=("teacher", "greedy"), help="decode mode (default: greedy for the trained "
                    "default model, teacher for synthetic models)")
     p.add_argument("--passes", type=int, default=2, help="1 = cold pass only, 2 = cold then warm")
@@ -98,10 +102,11 @@ def prepare_default(work: Path, llama_qtypes: list[str]) -> dict[str, str]:
     return paths
 
 
-def _arms(paths: dict[str, str], moestream_key: str, fmt: str, policies: list[str], precisions: list[str],
+def _arms(paths: dict[str, str], moestream_fmts: list[str], policies: list[str], precisions: list[str],
           llama: list[str]) -> list[Arm]:
-    arms = [Arm(f"moestream-{fmt}-{pol}" + ("" if prec == "exact" else f"-{prec}"), "moestream", paths[moestream_key],
-                fmt, cache_policy=pol, precision_policy=prec) for pol in policies for prec in precisions]
+    arms = [Arm(f"moestream-{fmt}-{pol}" + ("" if prec == "exact" else f"-{prec}"), "moestream",
+                paths[f"moestream_{fmt}"], fmt, cache_policy=pol, precision_policy=prec)
+            for fmt in moestream_fmts for pol in policies for prec in precisions]
     for q in llama:
         key = f"llamacpp_{q}"
         if key not in paths:
@@ -125,7 +130,7 @@ def build_config(args: argparse.Namespace) -> tuple[SuiteConfig, dict[str, Any],
     if suite in ("quick", "default"):
         llama = args.llama or ["f32"]
         paths = prepare_default(Path(args.work_dir), llama)
-        model, fmt, tok = paths["moestream_f32"], "f32", DEFAULT_MODEL_DIR / "tokenizer.json"
+        model, fmts, tok = paths["moestream_f32"], ["f32"], DEFAULT_MODEL_DIR / "tokenizer.json"
         mode = args.mode or "greedy"
         steps = args.decode_steps or (16 if args.quick else 32)
         budgets = args.budgets or ([100, 50, 25] if args.quick else [100, 75, 50, 25])
@@ -136,23 +141,28 @@ def build_config(args: argparse.Namespace) -> tuple[SuiteConfig, dict[str, Any],
         if not args.data:
             raise SystemExit("error: --suite synthetic/resident needs --data DIR (bench/synthetic.py output)")
         paths = json.loads((Path(args.data) / "paths.json").read_text())
-        key = next(k for k in paths if k.startswith("moestream_"))
-        model, fmt, tok = paths[key], key.split("_", 1)[1], Path(paths["hf"]) / "tokenizer.json"
+        fmts = args.moestream or [k.split("_", 1)[1] for k in paths if k.startswith("moestream_")]
+        ref = "bf16" if "bf16" in fmts else fmts[0]  # same bytes as llama.cpp F16
+        model, tok = paths[f"moestream_{ref}"], Path(paths["hf"]) / "tokenizer.json"
         llama = args.llama or sorted(k.split("_", 1)[1] for k in paths if k.startswith("llamacpp_"))
         mode = args.mode or "teacher"
         steps = args.decode_steps or 32
         budgets = args.budgets or ([100, 50, 25] if suite == "synthetic" else [])
         reps = args.reps or 3
         notes = [SYNTHETIC_NOTE]
-    arms = _arms(paths, next(k for k in paths if k.startswith("moestream_")), fmt, args.policies, args.precision,
-                 llama)
+    arms = _arms(paths, fmts, args.policies, args.precision, llama)
     ctx = args.prompt_tokens + steps + 16
     tokens = _tokens(tok, out / f"{name}_tokens.json", args.prompt_tokens, steps)
     ov = harness.moestream_overhead(model, ctx)
     ref = harness.model_file_bytes(model)
     budget_list: list[tuple[str, float | None]] = [(f"{b:g}%", b / 100) for b in budgets]
-    if suite == "resident":
+    if suite == "resident":  # no kernel limit; moestream told that every expert fits
         budget_list = [("no limit", None)]
+        out_prof = out / f"{name}_profile"
+        arms = [a if a.engine != "moestream" else Arm(
+            a.name, a.engine, a.model, a.fmt, a.cache_policy, a.precision_policy,
+            memory_override=int(harness.moestream_overhead(a.model, ctx)["all_experts_budget_bytes"] * 1.02),
+            extra=("--profile-dir", str(out_prof / a.name)) if args.profile else ()) for a in arms]
     phys = {"disk": harness.odirect_read_bandwidth(harness.largest_model_file(model)),
             "expert_bytes_per_token": ov["doctor"].get("expert_bytes_per_token"),
             "model_file_bytes": {a.name: harness.model_file_bytes(a.model) for a in arms},

@@ -70,6 +70,9 @@ class Arm:
         cache_policy: moestream expert cache policy.
         precision_policy: moestream precision policy.
         memory_flag: pass the cgroup limit as ``--memory`` (moestream plans within it).
+        memory_override: ``--memory`` bytes to pass whatever the limit (e.g. "every expert fits" for
+            resident runs without a kernel limit).
+        extra: more child arguments (e.g. ``--profile-dir DIR``).
     """
 
     name: str
@@ -79,6 +82,8 @@ class Arm:
     cache_policy: str | None = None
     precision_policy: str | None = None
     memory_flag: bool = True
+    memory_override: int | None = None
+    extra: tuple[str, ...] = ()
 
 
 @dataclass
@@ -277,15 +282,17 @@ def arm_argv(arm: Arm, cfg: SuiteConfig, limit: int | None) -> list[str]:
               "--threads", str(cfg.threads), "--ctx", str(cfg.ctx), "--passes", str(cfg.passes)]
     if arm.engine == "moestream":
         argv = [sys.executable, "-m", "moestream.bench.run_arm", arm.model, *common]
-        if limit is not None and arm.memory_flag:
+        if arm.memory_override is not None:
+            argv += ["--memory", str(arm.memory_override)]
+        elif limit is not None and arm.memory_flag:
             argv += ["--memory", str(limit)]
         if arm.cache_policy:
             argv += ["--cache-policy", arm.cache_policy]
         if arm.precision_policy:
             argv += ["--precision-policy", arm.precision_policy]
-        return argv
+        return argv + list(arm.extra)
     if arm.engine == "llamacpp":
-        return [sys.executable, "-m", "moestream.bench.llama_runner", arm.model, *common]
+        return [sys.executable, "-m", "moestream.bench.llama_runner", arm.model, *common, *arm.extra]
     raise ValueError(f"unknown engine {arm.engine!r}")
 
 
