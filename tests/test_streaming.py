@@ -255,3 +255,33 @@ def test_consistency_frequency_weight_keeps_popular_keys_and_stays_below_belady(
         for fw in (0.0, 1.0, 4.0):
             assert simulate_policy(tokens, 4, ConsistencyPolicy(window=8, frequency_weight=fw)) \
                 <= simulate_belady(tokens, 4)
+
+
+def test_prefetch_hints_come_from_the_next_moe_layer_router_and_change_nothing(models):
+    """DecoderLayer -> runtime.hint_after: ids for every MoE layer after the first, [N, k]; logits unchanged."""
+    from moestream.engine.commands_streaming import HintRecorder
+
+    model, _ = load_hf_model(models["hf"])
+    ids = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = model(ids, None)
+        resident = model.expert_provider
+        recorder = HintRecorder(resident)
+        model.set_expert_provider(recorder)
+        hinted = model(ids, None)
+    assert torch.equal(plain, hinted)
+    moe = model.moe_layers()
+    assert sorted(recorder.hints) == moe[1:]
+    top_k = model.args.top_k
+    for layer in moe[1:]:
+        (pred,) = recorder.hints[layer]
+        assert pred.shape == (10, top_k) and pred.min() >= 0 and pred.max() < model.args.n_routed_experts
+    # the hint is layer l+1's router on layer l's normed output: recompute it by hand for the second MoE layer
+    outs = {}
+    handle = model.model.layers[moe[0]].register_forward_hook(lambda m, i, o: outs.setdefault("h", o))
+    with torch.no_grad():
+        model(ids, None)
+        handle.remove()
+        nxt = model.model.layers[moe[1]]
+        want, _ = nxt.mlp.gate(nxt.post_attention_layernorm(outs["h"]).reshape(-1, outs["h"].shape[-1]))
+    assert (recorder.hints[moe[1]][-1] == want.numpy()).all()
