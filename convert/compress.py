@@ -241,9 +241,8 @@ def _allocate(ckpt: HFCheckpoint, plan: ConversionPlan, codec: NestedExpertCodec
         min_bpw = 8 * int(level_bytes[:, 0].sum()) / n_weights
         raise BudgetError(f"--size-budget {opts.size_budget} is below the smallest possible experts "
                           f"({min_bpw:.2f} bpw at the lowest level, page padding included); raise it to at least that")
-    if not calibration.errors or calibration.errors_codec != codec.name:
-        src_kept = kept or {layer: list(range(st.n_experts)) for layer, st in calibration.layers.items()}
-        measure_level_errors(calibration, _expert_reader(ckpt), codec, src_kept)
+    if not calibration.errors or calibration.errors_codec != codec.name:  # every expert: reusable for any kept set
+        measure_level_errors(calibration, _expert_reader(ckpt), codec)
     freq = np.array([calibration.layers[e.layer].freq[e.source_expert] for e in experts])
     gate = np.array([calibration.layers[e.layer].gate_sum[e.source_expert] for e in experts])
     err = np.stack([calibration.errors[e.layer][e.source_expert] for e in experts])

@@ -331,8 +331,13 @@ class Engine:
             _check_hf_budget(src.path, memory_bytes, ctx)
             model, tokenizer, info = _load_hf(src.path)
         else:
-            model, tokenizer, info = _load_shards_streaming(src.path, memory, ctx, precision_policy, cache_policy)
-            memory_bytes = info["memory_plan"]["budget_bytes"]
+            from moestream.engine.compressed_models import is_compressed_shards, load_compressed_resident
+
+            if is_compressed_shards(src.path):  # nested/GGML expert codecs: resident decode (no streaming yet)
+                model, tokenizer, info = load_compressed_resident(src.path)
+            else:
+                model, tokenizer, info = _load_shards_streaming(src.path, memory, ctx, precision_policy, cache_policy)
+                memory_bytes = info["memory_plan"]["budget_bytes"]
         limit = int(info.get("max_position_embeddings") or DEFAULT_CTX)
         ctx = min(DEFAULT_CTX, limit) if ctx is None else int(ctx)
         if ctx < 2:

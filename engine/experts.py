@@ -29,15 +29,20 @@ from moestream.convert.hf_checkpoint import ExpertKey, parse_expert_name
 class ExpertView:
     """One routed expert, ready for its kernel.
 
-    The base class is the full-precision SwiGLU expert (``level`` 0). Lower
-    precision levels subclass it, carry what their kernel needs and override
-    :meth:`ffn`; the MoE block only ever calls ``view.ffn(x)``.
+    The MoE block only ever calls ``view.ffn(x)``; views of quantized levels
+    (``engine/kernels.py``) carry what their kernel needs and override it.
+
+    Level numbering (docs/DESIGN.md): level ``j`` = planes ``0..j`` of the
+    expert's stored bytes; higher level = more bytes = more precision. A v1
+    unquantized model has only level 0 (full precision); a nested codec's
+    level 0 is its lowest precision (e.g. 2 bits) and its last level the
+    highest (e.g. 8 bits).
 
     Attributes:
         gate: ``[I, H]`` fp32 gate projection.
         up: ``[I, H]`` fp32 up projection.
         down: ``[H, I]`` fp32 down projection.
-        level: stored precision level (0 = full precision).
+        level: stored level the weights came from (0 = the lowest stored; for codec ``none``, full precision).
         gate_up: optional ``[2I, H]`` with gate rows first then up rows; when
             present the kernel does one matmul instead of two.
     """

@@ -280,6 +280,11 @@ def test_cli_convert_with_eval_text_and_eval_verb(tiny, tmp_path, capsys):
     with ShardedModel.open(out) as r:
         rec = json.loads(r.metadata["moestream.compression"])
         assert rec["options"]["criterion"] == "cc" and r.codec == "residual"
+    from moestream.engine.api import Engine
+
+    with Engine.load(out) as engine:  # the engine loads compressed shards (resident decode at the max level)
+        res = engine.generate([5, 6, 7], max_tokens=3)
+        assert res.stats.generated_tokens == 3 and engine.stats()["format"] == "shards"
     capsys.readouterr()
     rc = convert_main(["eval", str(out), "--reference", str(hf), "--text", str(tiny["calib"]), "--level", "1",
                        "--json", str(tmp_path / "e.json")])
