@@ -9,7 +9,7 @@ Owns the suite logic of ../shared/specs/bench-protocol.md:
   bytes plus the runtime overhead moestream reports for itself
   (``moestream doctor --json``: dense weights at fp32, KV, workspace, I/O
   staging, interpreter reserve); every arm of a row gets the SAME limit;
-- :func:`run_suite`: for each budget, repetitions interleaved A B A B (each
+- :func:`run_suite`: repetitions x budgets, arms interleaved A B, B A (each
   run cold: page cache dropped, fresh cgroup), each child running a cold pass
   then a warm pass (same tokens, KV cache reset, caches kept); OOM kills,
   refusals, errors and timeouts are recorded as results;
@@ -333,7 +333,7 @@ def make_records(run: dict, arm: Arm, cfg: SuiteConfig, label: str, frac: float 
                 mode=cfg.mode, threads=cfg.threads, cgroup_peak_bytes=run.get("cgroup_max_usage_bytes"),
                 cgroup_failcnt=run.get("cgroup_failcnt"), oom_kills=run.get("cgroup_oom_kills"),
                 peak_rss_bytes=run.get("child_maxrss_bytes"), page_cache_dropped=run.get("page_cache_dropped"),
-                cgroup=run.get("cgroup"), wall_s=run.get("wall_s"), loadavg=res.get("loadavg"),
+                cgroup=run.get("cgroup"), wall_s=run.get("wall_s"), loadavg=res.get("loadavg") or run.get("loadavg_start"),
                 started_utc=run.get("started_utc"), load_s=res.get("load_s"), arena_slots=res.get("arena_slots"),
                 experts_total=res.get("experts_total"))
     status = run["status"]
@@ -399,8 +399,10 @@ def run_suite(cfg: SuiteConfig, out_json: str | Path, *, log: Callable[[str], No
                            "records": [], "runs": []}
     env = child_env(cfg.threads)
     order = 0
-    for label, frac, limit in limits:
-        for rep in range(cfg.reps):
+    # Repetitions outermost: an interrupted suite still has every budget, and the repetitions of one
+    # budget are spread over the whole run (drift in machine load hits every arm alike).
+    for rep in range(cfg.reps):
+        for label, frac, limit in limits:
             arms = cfg.arms if rep % 2 == 0 else list(reversed(cfg.arms))  # A B, B A: no arm always goes first
             for arm in arms:
                 argv = arm_argv(arm, cfg, limit)
@@ -408,6 +410,7 @@ def run_suite(cfg: SuiteConfig, out_json: str | Path, *, log: Callable[[str], No
                 lr = run_limited(argv, limit, env=env, timeout_s=cfg.timeout_s, drop_caches=True, cwd=str(REPO))
                 run = lr.as_dict()
                 run["started_utc"] = started
+                run["loadavg_start"] = list(os.getloadavg())
                 run["result"] = parse_result(lr.stdout)
                 recs = make_records(run, arm, cfg, label, frac, limit, rep, order)
                 order += 1

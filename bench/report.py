@@ -240,3 +240,28 @@ def plot_hit_rate(doc: dict, out_png: str | Path, analysis_report: str | Path | 
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return True
+
+
+def render(results_json: str | Path, out_dir: str | Path | None = None, analysis: str | Path | None = None) -> str:
+    """Write ``<suite>.md`` and the PNG plots beside (or into ``out_dir``) a results file; return the Markdown."""
+    path = Path(results_json)
+    doc = json.loads(path.read_text())
+    out = Path(out_dir) if out_dir else path.parent
+    stem = path.stem
+    md = markdown(doc)
+    (out / f"{stem}.md").write_text(md)
+    if any(r.get("budget_fraction") is not None for r in doc["records"]):
+        plot_tok_s_vs_budget([doc], out / f"{stem}_tok_s_vs_budget.png", title=f"{stem}: decode tok/s vs memory budget")
+    plot_hit_rate(doc, out / f"{stem}_hit_rate.png", analysis, title=f"{stem}: expert cache hit rate vs cache size")
+    return md
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="render a bench results JSON as Markdown + PNG plots")
+    ap.add_argument("results")
+    ap.add_argument("--out")
+    ap.add_argument("--analysis")
+    a = ap.parse_args()
+    print(render(a.results, a.out, a.analysis))
