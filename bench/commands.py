@@ -168,6 +168,12 @@ def build_config(args: argparse.Namespace) -> tuple[SuiteConfig, dict[str, Any],
             "model_file_bytes": {a.name: harness.model_file_bytes(a.model) for a in arms},
             "moestream_min_budget_bytes": ov["min_budget_bytes"],
             "moestream_all_experts_budget_bytes": ov["all_experts_budget_bytes"]}
+    hf_config = json.loads(((DEFAULT_MODEL_DIR if suite in ("quick", "default") else Path(paths["hf"]))
+                            / "config.json").read_text())
+    bw = harness.memory_bandwidth()
+    phys["memory_bandwidth_bytes_per_s"] = bw
+    phys["active_params_per_token"] = harness.active_params_per_token(hf_config)
+    phys["memory_bound_decode_tok_s"] = {a.name: harness.memory_bound_tok_s(hf_config, a.fmt, bw) for a in arms}
     cfg = SuiteConfig(name=name, arms=arms, budgets=budget_list, reference_bytes=ref,
                       overhead_bytes=ov["overhead_bytes"], tokens_file=tokens, mode=mode, decode_steps=steps,
                       reps=reps, threads=args.threads, ctx=ctx, passes=args.passes, timeout_s=args.timeout,

@@ -208,6 +208,48 @@ def odirect_read_bandwidth(path: str | Path, max_bytes: int = 1 << 30, block: in
             "method": method, "block_bytes": block}
 
 
+def memory_bandwidth(nbytes: int = 256 << 20, rounds: int = 3) -> float:
+    """Best-of-``rounds`` copy bandwidth (bytes read + written per second) of a ``nbytes`` numpy buffer."""
+    import numpy as np
+
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        dt = time.perf_counter() - t0
+        best = max(best, 2 * nbytes / dt)
+    return best
+
+
+#: Bytes touched per parameter in decode: llama.cpp reads its stored type; moestream computes dense
+#: weights at fp32 and experts from the arena (f32: in place; bf16/f16: read 2 B, write + read a 4 B scratch).
+BYTES_PER_PARAM = {"F32": (4.0, 4.0), "F16": (2.0, 2.0), "Q8_0": (34 / 32, 34 / 32), "Q4_0": (18 / 32, 18 / 32),
+                   "f32": (4.0, 4.0), "bf16": (4.0, 10.0), "f16": (4.0, 10.0)}
+
+
+def active_params_per_token(config: dict) -> dict[str, int]:
+    """Dense and routed-expert parameters one decode token reads (qwen3_moe-style config; embeddings: one row)."""
+    h = int(config["hidden_size"])
+    layers = int(config["num_hidden_layers"])
+    hd = int(config.get("head_dim") or h // int(config["num_attention_heads"]))
+    q, kv = int(config["num_attention_heads"]) * hd, int(config["num_key_value_heads"]) * hd
+    attn = h * q + 2 * h * kv + q * h
+    router = h * int(config.get("num_experts", 0))
+    expert = 3 * h * int(config["moe_intermediate_size"]) * int(config["num_experts_per_tok"])
+    return {"dense": layers * (attn + router) + h * int(config["vocab_size"]), "experts": layers * expert}
+
+
+def memory_bound_tok_s(config: dict, fmt: str, bandwidth: float) -> float | None:
+    """Decode tok/s if every active weight byte is read once at ``bandwidth`` (None for an unknown format)."""
+    if fmt not in BYTES_PER_PARAM:
+        return None
+    a = active_params_per_token(config)
+    dense_b, expert_b = BYTES_PER_PARAM[fmt]
+    return bandwidth / (a["dense"] * dense_b + a["experts"] * expert_b)
+
+
 def model_file_bytes(path: str | Path) -> int:
     """Bytes of a model file, or of every ``.gguf``/``.safetensors`` file in a folder."""
     p = Path(path)

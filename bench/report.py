@@ -130,8 +130,12 @@ def markdown(doc: dict, title: str | None = None) -> str:
                      + (f"expert bytes per token {phys['expert_bytes_per_token'] / 1e6:.0f} MB -> I/O roofline with "
                         f"no hits {disk['bandwidth_bytes_per_s'] / phys['expert_bytes_per_token']:.2f} tok/s"
                         if phys.get("expert_bytes_per_token") else ""))
-    if phys.get("memory_bound_note"):
-        lines.append(f"- {phys['memory_bound_note']}")
+    if phys.get("memory_bandwidth_bytes_per_s"):
+        a = phys.get("active_params_per_token") or {}
+        bounds = ", ".join(f"{k} {v:.3g}" for k, v in (phys.get("memory_bound_decode_tok_s") or {}).items() if v)
+        lines.append(f"- physical: memory copy bandwidth {phys['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; active "
+                     f"parameters per token {a.get('dense', 0) / 1e6:.0f} M dense + {a.get('experts', 0) / 1e6:.0f} M "
+                     f"routed; memory-bound decode tok/s (all active weights read once): {bounds}")
     lines += ["", "| budget | limit GB | arm | pass | runs | decode tok/s | steady decode | prefill tok/s | TTFT s | "
               "cgroup peak GB | peak RSS GB | decode hit rate | MB read/token | miss-path GB/s | stall ms/token |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
