@@ -13,8 +13,9 @@ temperature 0). Prints one ``BENCH_RESULT {json}`` line with the per-pass
 timings and the engine's counters (hits, misses, bytes read, stall) before and
 after each pass.
 
-With ``--profile-dir``, three more decode steps run under ``torch.profiler``
-and ``cProfile`` after the timed passes, and their tables are written there.
+With ``--profile-dir``, after the timed passes the prompt is run once more under
+``cProfile`` and three decode steps each under ``torch.profiler`` and
+``cProfile``; their tables are written there.
 
 It is a child-process entry, not a library: the harness never imports it.
 """
@@ -115,7 +116,14 @@ def _profile(out_dir: str, step, tokens, cache, prefill, prompt) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache.reset()
+    pr = cProfile.Profile()
+    pr.enable()
     prefill(prompt)
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
+    (out / "cprofile_prefill.txt").write_text(f"prefill of {len(prompt)} tokens (warm), cProfile, sorted by tottime\n"
+                                              + s.getvalue())
     step(int(tokens[0]))  # one step outside the profile (first-touch effects)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         for tok in tokens[1:4]:
