@@ -223,15 +223,22 @@ class ShardedModel:
         self._verified: set[int] = set()
         self._fds: dict[str, int] = {}
         shard1 = paths[0]
+        for key in (C.KEY_HF_CONFIG, C.KEY_MODEL_TYPE, C.KEY_TOKENIZER_HF_JSON, C.KEY_CHAT_TEMPLATE,
+                    C.KEY_EXPERT_CODEC):
+            if key in metadata and not isinstance(metadata[key], str):
+                raise ModelFormatError(f"{shard1}: metadata {key} is not a UTF-8 string; the file is corrupt, "
+                                       "re-run convert or re-copy it")
         try:
             self.config: dict[str, Any] = json.loads(metadata[C.KEY_HF_CONFIG])
         except KeyError:
             raise ModelFormatError(f"{shard1}: no {C.KEY_HF_CONFIG} metadata (the model config); "
                                    "this file was not written by `moestream convert`, re-run it") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ModelFormatError(f"{shard1}: {C.KEY_HF_CONFIG} is not valid JSON ({exc}); re-run convert") from exc
+        if not isinstance(self.config, dict):
+            raise ModelFormatError(f"{shard1}: {C.KEY_HF_CONFIG} is not a JSON object; re-run convert")
         self.model_type: str = metadata.get(C.KEY_MODEL_TYPE) or self.config.get("model_type", "")
-        if not self.model_type:
+        if not self.model_type or not isinstance(self.model_type, str):
             raise ModelFormatError(f"{shard1}: no model_type in metadata or config; re-run convert")
         self.tokenizer_json: str | None = metadata.get(C.KEY_TOKENIZER_HF_JSON)
         self.chat_template: str | None = metadata.get(C.KEY_CHAT_TEMPLATE)
