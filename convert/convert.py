@@ -355,6 +355,12 @@ def _prepare_out_dir(out_dir: Path, stem: str, overwrite: bool) -> None:
     for p in out_dir.glob(f"{stem}-*-of-*.gguf{C.PARTIAL_SUFFIX}"):
         p.unlink()
     existing = sorted(p for p in out_dir.glob(f"{stem}-*-of-*.gguf") if C.SHARD_NAME_RE.match(p.name))
+    finished = [p for p in existing if int(C.SHARD_NAME_RE.match(p.name).group("no")) == 1]
+    if existing and not finished:
+        # Shard 1 is renamed into place last: without it these are leftovers of an interrupted conversion.
+        for p in existing:
+            p.unlink()
+        existing = []
     if existing and not overwrite:
         raise MoestreamError(f"{out_dir}: already holds a converted model ({existing[0].name}); "
                              "choose an empty folder or pass --force to replace it")
