@@ -92,14 +92,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_compression_args(p: argparse.ArgumentParser) -> None:
     from moestream.convert.calibration import CRITERIA
-    from moestream.convert.compress import EXPERT_CODECS
+    from moestream.convert.compress import DEFAULT_CODEC, EXPERT_CODECS
     from moestream.convert.convert import DENSE_PRECISIONS
     from moestream.convert.pruning import PRUNE_MODES
 
     g = p.add_argument_group("compression (issue 4)")
-    g.add_argument("--codec", default="none", metavar="NAME",
-                   help=f"expert codec: {', '.join(EXPERT_CODECS)} (default none = --dtype); nested codecs store "
-                        "levels as planes (level j = planes 0..j)")
+    g.add_argument("--codec", default=None, metavar="NAME",
+                   help=f"expert codec: {', '.join(EXPERT_CODECS)} (default: none = --dtype, or {DEFAULT_CODEC} when "
+                        "--size-budget is given); nested codecs store levels as planes (level j = planes 0..j)")
     g.add_argument("--group-size", type=int, default=128, help="nested codec group length (default 128)")
     g.add_argument("--prune", type=float, default=0.0, metavar="RATIO",
                    help="fraction of routed experts to drop per layer, e.g. 0.25 (default 0)")
@@ -135,6 +135,10 @@ def _parse_top_k(text: str | None) -> int | None:
 
 
 def _compressing(args: argparse.Namespace) -> bool:
+    if args.codec is None:
+        from moestream.convert.compress import DEFAULT_CODEC
+
+        args.codec = DEFAULT_CODEC if args.size_budget is not None else "none"
     return (args.codec != "none" or args.prune > 0 or args.size_budget is not None or args.dense != "f16"
             or args.top_k is not None or args.eval_text is not None or args.calib is not None)
 

@@ -306,7 +306,18 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path, capsys):
     rc = convert_main(["-q", "convert", str(hf), str(tmp_path / "c"), "--codec", "matryoshka_floor", "--group-size",
                        "64", "--size-budget", "0.1bpw", "--calib", str(tiny["calib"]), "--calib-windows", "2"])
     assert rc == 2 and "smallest possible experts" in capsys.readouterr().err
-    rc = convert_main(["-q", "convert", str(hf), str(tmp_path / "d"), "--size-budget", "4bpw"])
+    rc = convert_main(["-q", "convert", str(hf), str(tmp_path / "d"), "--size-budget", "4bpw", "--codec", "none"])
     assert rc == 2 and "nested codec" in capsys.readouterr().err
     with pytest.raises(MoestreamError, match="calibration"):
         compress_checkpoint(hf, tmp_path / "e", CompressOptions(prune=0.5), progress=False)
+
+
+def test_size_budget_alone_uses_the_default_nested_codec(tiny, tmp_path):
+    from moestream.convert.compress import DEFAULT_CODEC
+
+    out = tmp_path / "d"
+    rc = convert_main(["-q", "convert", str(tiny["qwen3_moe"]), str(out), "--size-budget", "12bpw", "--group-size",
+                       "64", "--calib", str(tiny["calib"]), "--calib-windows", "4"])
+    assert rc == 0
+    with ShardedModel.open(out) as r:
+        assert r.codec == DEFAULT_CODEC
