@@ -167,7 +167,45 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['section']} | {r['arm']} | {'' if r['level'] is None else r['level']} | "
                      f"{_bits(r)} | {r['file_bytes'] / 1e6:.2f} | {r['ppl']:.3f} | "
                      f"{100 * r['ppl_increase']:+.2f}% | {r['kl_mean']:.5f} | {100 * r['top1_agreement']:.2f}% |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + summary(res)) + "\n"
+
+
+def _find(res: dict, arm: str, level=None) -> dict | None:
+    for r in res["rows"]:
+        if r["arm"] == arm and (level is None or r["level"] == level):
+            return r
+    return None
+
+
+def _fmt(r: dict | None) -> str:
+    if r is None:
+        return "n/a"
+    return (f"{_bits(r)} bpw experts, {r['file_bytes'] / 1e6:.2f} MB: Δppl {100 * r['ppl_increase']:+.2f}%, "
+            f"KL {r['kl_mean']:.5f}, top-1 {100 * r['top1_agreement']:.2f}%")
+
+
+def summary(res: dict) -> list[str]:
+    """The comparisons the issue asks for, read off the table."""
+    out = ["## Summary (generated)", ""]
+    for ratio in (25, 50):
+        rows = [r for r in res["rows"] if r["section"] == "prune" and r["prune"] == ratio / 100]
+        rows.sort(key=lambda r: r["kl_mean"])
+        out.append(f"- pruning {ratio} % (experts f16), criteria by KL: " + "; ".join(
+            f"{r['criterion']} KL {r['kl_mean']:.5f} / Δppl {100 * r['ppl_increase']:+.2f}%" for r in rows))
+    for codec, lv in (("matryoshka_floor", 1), ("matryoshka", 1), ("residual", 2)):
+        out.append(f"- 4-bit level of {codec} (level {lv}): {_fmt(_find(res, codec, lv))}")
+    for q in ("q8_0", "q4_0"):
+        out.append(f"- uniform {q}: {_fmt(_find(res, f'uniform_{q}'))}; at the same size: matryoshka_floor "
+                   f"{_fmt(_find(res, f'matryoshka_floor_at_{q}_size'))}; residual "
+                   f"{_fmt(_find(res, f'residual_at_{q}_size'))}")
+    best = res["best_criterion_at_25"]
+    for crit in sorted({"reap", best}):
+        r = _find(res, f"prune25_{crit}_matryoshka_floor", 1)
+        a = _find(res, f"prune25_{crit}_matryoshka_floor_4bpw")
+        verdict = "meets" if r is not None and r["ppl_increase"] <= 0.03 else "misses"
+        out.append(f"- compass (≤ 3 % ppl at 25 % pruning + ≈4-bit experts), {crit}: matryoshka_floor level 1 "
+                   f"{_fmt(r)} -> {verdict}; with --size-budget 4bpw: {_fmt(a)}")
+    return out
 
 
 def main() -> None:

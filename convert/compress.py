@@ -243,8 +243,11 @@ def _allocate(ckpt: HFCheckpoint, plan: ConversionPlan, codec: NestedExpertCodec
                           f"({min_bpw:.2f} bpw at the lowest level, page padding included); raise it to at least that")
     if not calibration.errors or calibration.errors_codec != codec.name:  # every expert: reusable for any kept set
         measure_level_errors(calibration, _expert_reader(ckpt), codec)
-    freq = np.array([calibration.layers[e.layer].freq[e.source_expert] for e in experts])
-    gate = np.array([calibration.layers[e.layer].gate_sum[e.source_expert] for e in experts])
+    # One pseudo-token per expert (Laplace smoothing, gate 1/top_k): an expert calibration never routed to
+    # keeps a small importance instead of dropping to the lowest level for free (held-out text may use it).
+    freq = np.array([calibration.layers[e.layer].freq[e.source_expert] for e in experts]) + 1.0
+    gate = np.array([calibration.layers[e.layer].gate_sum[e.source_expert] for e in experts]) + 1.0 / max(
+        calibration.top_k, 1)
     err = np.stack([calibration.errors[e.layer][e.source_expert] for e in experts])
     groups = np.array([e.layer for e in experts])
     alloc = allocate_experts(freq, gate, err, level_bytes, budget, groups=groups)
