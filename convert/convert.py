@@ -23,6 +23,7 @@ Knows nothing about the engine or the runtime scheduler.
 
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -377,7 +378,23 @@ def write_plan(ckpt: HFCheckpoint, plan: ConversionPlan, out_dir: Path, max_shar
 
     Raises:
         ModelFormatError: a source tensor's shape differs from the plan (or is unreadable).
+        MoestreamError: the disk filled up (the ``.partial`` files are removed first).
     """
+    try:
+        return _write_shards(ckpt, plan, out_dir, max_shard_size, progress, stem)
+    except OSError as exc:
+        # numpy's tofile reports a short write as a plain OSError("N requested and M written"), no errno
+        short_write = exc.errno is None and "written" in str(exc)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and not short_write:
+            raise
+        raise MoestreamError(f"{out_dir}: no space left on the device while writing the model ({exc}; partial "
+                             "files removed); free space or choose another output folder, then re-run convert"
+                             ) from exc
+
+
+def _write_shards(ckpt: HFCheckpoint, plan: ConversionPlan, out_dir: Path, max_shard_size: int,
+                  progress: bool, stem: str) -> list[Path]:
+    """:func:`write_plan` without the disk-full translation."""
     from tqdm import tqdm
 
     with ShardSetWriter(out_dir, plan.metadata, max_shard_size, stem) as writer:
