@@ -245,7 +245,7 @@ def test_consistency_frequency_weight_keeps_popular_keys_and_stays_below_belady(
     for key in ["a", "a", "a", "a", "b", "c", "d"]:
         pol.on_access(key)
     assert pol.victim(["a", "b"]) == "b"  # "a" fell out of the window but is popular overall
-    plain = ConsistencyPolicy(window=2)
+    plain = ConsistencyPolicy(window=2, frequency_weight=0.0)
     for key in ["a", "a", "a", "a", "b", "c", "d"]:
         plain.on_access(key)
     assert plain.victim(["a", "b"]) == "a"  # the pure window policy only sees recency
