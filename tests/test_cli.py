@@ -115,7 +115,7 @@ def test_chat_ctrl_c_stops_answer_not_session(model_dir: Path) -> None:
     try:
         proc.stdin.write(b"Tell me a long story\n")
         proc.stdin.flush()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # hang guard only (the CPU may be shared), not a speed check
         while len(b"".join(out).split(b">>> ", 1)[-1]) < 20:  # the answer is streaming
             assert time.monotonic() < deadline and proc.poll() is None, b"".join(out)
             time.sleep(0.05)
