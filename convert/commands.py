@@ -64,6 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", type=parse_size, default="2GB", metavar="SIZE",
                    help="tensor bytes per shard file, e.g. 2GB, 500MB, 1.5GiB; 0 = one file (default 2GB)")
     p.add_argument("--force", action="store_true", help="replace a model already in OUT_DIR")
+    p.add_argument("--target", choices=("moestream", "llama.cpp"), default="moestream",
+                   help="moestream: streaming shards (default); llama.cpp: one stock GGUF file OUT_DIR/model-<qtype>.gguf "
+                        "that llama.cpp / llama-cpp-python load (no compression options)")
+    p.add_argument("--qtype", choices=("q8_0", "q4_0", "f16", "f32"), default="q8_0",
+                   help="tensor type of the llama.cpp export (default q8_0)")
     _add_compression_args(p)
     p.set_defaults(func=cmd_convert)
 
@@ -155,12 +160,31 @@ def calibration_windows(hf_dir: str | Path, calib: Sequence[str] | None, n_windo
     return tokenize_windows(text, Path(hf_dir) / "tokenizer.json", seq_len, max_windows=n_windows)
 
 
+def _export_llamacpp(args: argparse.Namespace, progress: bool) -> int:
+    """``moestream convert --target llama.cpp``: one stock GGUF in OUT_DIR."""
+    from moestream.convert.llamacpp_export import export_llamacpp
+    from moestream.convert.shards import format_bytes
+
+    if _compressing(args):
+        raise MoestreamError("--target llama.cpp takes no compression options; prune or quantize with the "
+                             "moestream target, or pick --qtype for the llama.cpp file")
+    out = Path(args.out_dir) / f"model-{args.qtype}.gguf"
+    if out.exists() and not args.force:
+        raise MoestreamError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = export_llamacpp(args.hf_dir, out, qtype=args.qtype, progress=progress)
+    print(f"wrote llama.cpp GGUF, {format_bytes(Path(path).stat().st_size)}: {path}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """Handler of ``moestream convert``."""
     from moestream.convert.convert import convert_checkpoint
     from moestream.convert.shards import format_bytes
 
     progress = not getattr(args, "quiet", False)
+    if args.target == "llama.cpp":
+        return _export_llamacpp(args, progress)
     if not _compressing(args):
         paths = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                    progress=progress, overwrite=args.force)

@@ -62,7 +62,7 @@ class EngineClosedError(MoestreamError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: ``kind`` is ``"hf"`` or ``"shards"``."""
+    """Where a model comes from: ``kind`` is ``"hf"``, ``"shards"`` (moestream) or ``"llamacpp"`` (stock GGUF)."""
 
     kind: str
     path: Path
@@ -96,13 +96,27 @@ def resolve_model_path(path_or_name: str | Path) -> ModelSource:
     name = path.stem if path.is_file() else path.resolve().name
     if path.is_file():
         if path.suffix == ".gguf":
-            return ModelSource("shards", path, name)
+            return ModelSource("llamacpp" if _is_llamacpp_gguf(path) else "shards", path, name)
         raise ModelFormatError(f"'{path}' is a file but not a .gguf shard; give the model folder instead")
     if (path / "config.json").is_file():
         return ModelSource("hf", path, name)
     if any(path.glob("*.gguf")):
         return ModelSource("shards", path, name)
     raise ModelFormatError(f"'{path}' holds neither config.json (HF model) nor *.gguf shards (moestream model)")
+
+
+def _is_llamacpp_gguf(path: Path) -> bool:
+    """True for a GGUF whose ``general.architecture`` is not moestream's own shard format."""
+    from moestream.convert.constants import ARCH
+
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except Exception:  # unreadable: let the shard reader raise its clear ModelFormatError
+        return False
+    return arch is not None and arch != ARCH
 
 
 def resolve_device(device: str) -> torch.device:
@@ -330,6 +344,10 @@ class Engine:
         if src.kind == "hf":
             _check_hf_budget(src.path, memory_bytes, ctx)
             model, tokenizer, info = _load_hf(src.path)
+        elif src.kind == "llamacpp":  # stock llama.cpp MoE GGUF: experts decoded resident (no streaming yet)
+            from moestream.engine.gguf_loading import load_llamacpp_gguf_with_tokenizer
+
+            model, tokenizer, info = load_llamacpp_gguf_with_tokenizer(src.path)
         else:
             from moestream.engine.compressed_models import is_compressed_shards, load_compressed_resident
 

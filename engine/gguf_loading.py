@@ -97,3 +97,50 @@ def load_llamacpp_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
         model.set_expert_provider(GGUFExpertProvider(gguf, dtype))
     model.gguf = gguf  # type: ignore[attr-defined]
     return model, args
+
+
+def tokenizer_json_from_gguf(meta: dict) -> str:
+    """Rebuild a HF ``tokenizer.json`` from a GGUF's ``tokenizer.ggml.*`` fields (byte-level BPE).
+
+    Args:
+        meta: :meth:`LlamaCppGGUF.tokenizer_metadata` output.
+
+    Returns:
+        The ``tokenizer.json`` text.
+
+    Raises:
+        UnsupportedModelError: a tokenizer model other than ``gpt2`` (byte-level BPE).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from moestream.convert.errors import UnsupportedModelError
+
+    if meta.get("model") != "gpt2":
+        raise UnsupportedModelError(f"GGUF tokenizer model {meta.get('model')!r} is not supported; "
+                                    "moestream reads byte-level BPE ('gpt2') GGUF tokenizers")
+    tokens = [str(t) for t in meta["tokens"]]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    merges = [tuple(str(m).split(" ", 1)) for m in (meta.get("merges") or [])]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    token_types = meta.get("token_type") or []
+    control = [tokens[i] for i, kind in enumerate(token_types) if int(kind) == 3]  # llama.cpp CONTROL tokens
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in control])
+    return tokenizer.to_str()
+
+
+def load_llamacpp_gguf_with_tokenizer(path: str | Path) -> tuple[MoECausalLM, "object", dict]:
+    """Model (resident experts), tokenizer and info for a llama.cpp MoE GGUF, as ``Engine.load`` wants them.
+
+    Raises:
+        ModelFormatError: unreadable GGUF. UnsupportedModelError: architecture or tokenizer not supported.
+    """
+    from moestream.engine.tokenizer import Tokenizer
+
+    model, args = load_llamacpp_gguf(path)
+    meta = model.gguf.tokenizer_metadata()  # type: ignore[attr-defined]
+    eos = [int(meta["eos_token_id"])] if meta.get("eos_token_id") is not None else []
+    tokenizer = Tokenizer.from_str(tokenizer_json_from_gguf(meta), chat_template=model.gguf.chat_template(),  # type: ignore[attr-defined]
+                                   eos_token_ids=eos)
+    return model, tokenizer, {"model_type": args.model_type, "max_position_embeddings": args.max_position_embeddings}
