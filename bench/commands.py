@@ -72,32 +72,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per child run")
     p.add_argument("--analysis", help="moestream analyze report.json for the hit-rate plot (Belady bound)")
     p.add_argument("--work-dir", default=str(DEFAULT_WORK), help="where the default model's conversions go")
+    p.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR),
+                   help="HF folder of the default suite's model (default: the embedded model)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="results folder")
     p.add_argument("--tag", help="suffix of the result file names")
     p.set_defaults(func=cmd_bench)
 
 
-def prepare_default(work: Path, llama_qtypes: list[str]) -> dict[str, str]:
-    """Convert the embedded default model once: moestream f32 shards + llama.cpp GGUF(s).
+def prepare_default(work: Path, llama_qtypes: list[str], model_dir: Path = DEFAULT_MODEL_DIR) -> dict[str, str]:
+    """Convert the embedded default model (or ``model_dir``) once: moestream f32 shards + llama.cpp GGUF(s).
 
     Raises:
-        FileNotFoundError: the default model is missing from this install.
+        FileNotFoundError: the model folder has no config.json / safetensors.
     """
     from moestream.convert.convert import convert_checkpoint
     from moestream.convert.llamacpp_export import export_llamacpp
 
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        raise FileNotFoundError(f"{DEFAULT_MODEL_DIR} has no config.json: the embedded model is not installed")
-    stamp = str(int((DEFAULT_MODEL_DIR / "config.json").stat().st_mtime))
+    if not (model_dir / "config.json").is_file() or not any(model_dir.glob("*.safetensors")):
+        raise FileNotFoundError(f"{model_dir} has no config.json + *.safetensors: the model is not installed")
+    stamp = str(int(max(f.stat().st_mtime for f in model_dir.glob("*.safetensors"))))
     root = work / f"default_{stamp}"
     shards = root / "shards_f32"
     if not any(shards.glob("*.gguf")):
-        convert_checkpoint(DEFAULT_MODEL_DIR, shards, dtype="f32", progress=False)
+        convert_checkpoint(model_dir, shards, dtype="f32", progress=False)
     paths = {"moestream_f32": str(shards)}
     for q in llama_qtypes:
         out = root / f"llamacpp_{q}.gguf"
         if not out.is_file():
-            export_llamacpp(DEFAULT_MODEL_DIR, out, q, progress=False)
+            export_llamacpp(model_dir, out, q, progress=False)
         paths[f"llamacpp_{q}"] = str(out)
     return paths
 
@@ -129,13 +131,14 @@ def build_config(args: argparse.Namespace) -> tuple[SuiteConfig, dict[str, Any],
     name = f"{suite}{'_' + args.tag if args.tag else ''}"
     if suite in ("quick", "default"):
         llama = args.llama or ["f32"]
-        paths = prepare_default(Path(args.work_dir), llama)
-        model, fmts, tok = paths["moestream_f32"], ["f32"], DEFAULT_MODEL_DIR / "tokenizer.json"
+        model_dir = Path(args.model_dir)
+        paths = prepare_default(Path(args.work_dir), llama, model_dir)
+        model, fmts, tok = paths["moestream_f32"], ["f32"], model_dir / "tokenizer.json"
         mode = args.mode or "greedy"
         steps = args.decode_steps or (16 if args.quick else 32)
         budgets = args.budgets or ([100, 50, 25] if args.quick else [100, 75, 50, 25])
         reps = args.reps or (1 if args.quick else 3)
-        notes = ["embedded default model (trained): greedy decoding, same tokens in both engines (checked in the "
+        notes = [f"default model {model_dir} (trained): greedy decoding, same tokens in both engines (checked in the "
                  "records' token lists)", "moestream shards f32 vs llama.cpp GGUF F32: the same model bytes"]
     else:
         if not args.data:
@@ -168,7 +171,7 @@ def build_config(args: argparse.Namespace) -> tuple[SuiteConfig, dict[str, Any],
             "model_file_bytes": {a.name: harness.model_file_bytes(a.model) for a in arms},
             "moestream_min_budget_bytes": ov["min_budget_bytes"],
             "moestream_all_experts_budget_bytes": ov["all_experts_budget_bytes"]}
-    hf_config = json.loads(((DEFAULT_MODEL_DIR if suite in ("quick", "default") else Path(paths["hf"]))
+    hf_config = json.loads(((Path(args.model_dir) if suite in ("quick", "default") else Path(paths["hf"]))
                             / "config.json").read_text())
     bw = harness.memory_bandwidth()
     phys["memory_bandwidth_bytes_per_s"] = bw
