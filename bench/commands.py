@@ -138,8 +138,8 @@ def build_config(args: argparse.Namespace) -> tuple[SuiteConfig, dict[str, Any],
         steps = args.decode_steps or (16 if args.quick else 32)
         budgets = args.budgets or ([100, 50, 25] if args.quick else [100, 75, 50, 25])
         reps = args.reps or (1 if args.quick else 3)
-        notes = [f"default model {model_dir} (trained): greedy decoding, same tokens in both engines (checked in the "
-                 "records' token lists)", "moestream shards f32 vs llama.cpp GGUF F32: the same model bytes"]
+        notes = [f"default model {model_dir} (trained): greedy decoding (each run's fed tokens are kept in "
+                 "the results file's runs list)", "moestream shards f32 vs llama.cpp GGUF F32: the same model bytes"]
     else:
         if not args.data:
             raise SystemExit("error: --suite synthetic/resident needs --data DIR (bench/synthetic.py output)")

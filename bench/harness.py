@@ -459,6 +459,7 @@ def run_suite(cfg: SuiteConfig, out_json: str | Path, *, log: Callable[[str], No
                 doc["records"].extend(recs)
                 slim = {k: v for k, v in run.items() if k not in ("stdout", "result")}
                 slim["result_passes_step_s"] = [p.get("step_s") for p in (run["result"] or {}).get("passes", [])]
+                slim["result_passes_tokens"] = [p.get("tokens") for p in (run["result"] or {}).get("passes", [])]
                 doc["runs"].append({"arm": arm.name, "budget": label, "rep": rep, **slim})
                 first = recs[0]
                 log(f"[{cfg.name}] {label:>6} rep {rep} {arm.name:<24} {first['status']:<8} "

@@ -140,7 +140,7 @@ def markdown(doc: dict, title: str | None = None) -> str:
               "cgroup peak GB | peak RSS GB | decode hit rate | MB read/token | miss-path GB/s | stall ms/token |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lim = "none" if r["limit_bytes"] is None else f"{r['limit_bytes'] / 1e9:.2f}"
+        lim = "none" if r["limit_bytes"] is None or r["limit_bytes"] > 2**60 else f"{r['limit_bytes'] / 1e9:.2f}"
         mb = r["bytes_read_per_token"] if r["bytes_read_per_token"][0] is not None else r["disk_read_bytes_per_token"]
         lines.append(f"| {r['budget']} | {lim} | {r['arm']} | {r['pass']} | {_status(r['status'])} | "
                      f"{_m(r['decode_tok_s'])} | {_m(r['decode_tok_s_steady'])} | {_m(r['prefill_tok_s'])} | "

@@ -242,3 +242,15 @@ def test_suite_end_to_end_on_a_tiny_synthetic_model(tiny_synthetic, tmp_path):
     assert all(r["hit_rate"] is not None for r in ms)
     md = report.markdown(doc)
     assert "moestream" in md and "| 100% |" in md
+
+
+def test_memory_bound_counts_active_parameters():
+    cfg = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8, "vocab_size": 32}
+    a = harness.active_params_per_token(cfg)
+    attn = 16 * 16 + 2 * 16 * 8 + 16 * 16
+    assert a == {"dense": 2 * (attn + 16 * 4) + 16 * 32, "experts": 2 * 3 * 16 * 8 * 2}
+    bw = 1e9
+    assert harness.memory_bound_tok_s(cfg, "F16", bw) == pytest.approx(bw / (2 * (a["dense"] + a["experts"])))
+    assert harness.memory_bound_tok_s(cfg, "Q8_0", bw) > harness.memory_bound_tok_s(cfg, "F16", bw)
+    assert harness.memory_bound_tok_s(cfg, "weird", bw) is None
