@@ -1,6 +1,6 @@
 """Format fuzzing: mutated shard files never crash the readers with anything but the project's own errors.
 
-Proves, over 10,500 generated cases (hypothesis, derandomized so CI
+Proves, over 10,000 generated cases (hypothesis, derandomized so CI
 runs are reproducible, split into CI-sized batches):
 
 - moestream shard files (``ShardedModel``): any mutation of the GGUF header
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -54,10 +55,10 @@ def fuzz(n: int) -> settings:
                     suppress_health_check=list(HealthCheck))
 
 
-# Batches (examples per test): header fields 4000 + raw header bytes 3000 + truncations 1500 + data flips 1500
-# = 10,000 shard cases (~10 ms each), plus llama.cpp fields 300 + bytes/truncations 200 (~150 ms each: gguf-py
+# Batches (examples per test): header fields 3000 + raw header bytes 3500 + truncations 1500 + data flips 1500
+# = 9,500 shard cases (~10 ms each), plus llama.cpp fields 300 + bytes/truncations 200 (~150 ms each: gguf-py
 # parses the 320-entry vocabulary of every case).
-N_FIELDS, N_BYTES, N_TRUNC, N_DATA, N_LC_FIELDS, N_LC_BYTES = 4000, 3000, 1500, 1500, 300, 200
+N_FIELDS, N_BYTES, N_TRUNC, N_DATA, N_LC_FIELDS, N_LC_BYTES = 3000, 3500, 1500, 1500, 300, 200
 
 
 # ------------------------------------------------------------------------------------ base files
@@ -117,6 +118,26 @@ def shard(tmp_path_factory) -> tuple[bytes, list[Slot], int]:
     path = _write_shard(tmp_path_factory.mktemp("fuzz_shard"))
     slots, header_end = _slots(path)
     return path.read_bytes(), slots, header_end
+
+
+@pytest.fixture(autouse=True)
+def memory_cap():
+    """Cap the address space at 2 GiB above the current size while fuzzing.
+
+    A mutated length or count that makes a reader allocate without bound then fails the
+    case with MemoryError (shown as the falsifying example) instead of swapping the machine.
+    """
+    import psutil
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = psutil.Process().memory_info().vms + (2 << 30)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 @pytest.fixture(scope="module")
