@@ -238,12 +238,13 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors caused by input: MoestreamError plus the scheduler's budget errors (ValueError subclasses)."""
+    """Errors caused by input or files: MoestreamError, the scheduler's budget errors, unreadable expert bytes."""
     types: list[type[BaseException]] = [MoestreamError]
     try:
         from moestream.scheduler.budget import BudgetTooSmallError, MemorySpecError
+        from moestream.scheduler.loader import ExpertReadError
 
-        types += [BudgetTooSmallError, MemorySpecError]
+        types += [BudgetTooSmallError, MemorySpecError, ExpertReadError]
     except ImportError:
         pass
     return tuple(types)

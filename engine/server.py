@@ -109,7 +109,9 @@ def _from_engine_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, (InvalidRequestError, ChatTemplateError)):
         return APIError(400, str(exc))
-    if isinstance(exc, MoestreamError):
+    from moestream.scheduler.loader import ExpertReadError
+
+    if isinstance(exc, (MoestreamError, ExpertReadError)):  # model file unreadable: say so, no traceback text
         return APIError(500, str(exc), type_="server_error")
     log.exception("generation failed")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
