@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -32,22 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moestream.bench.harness import cpu_model
 from moestream.convert.codecs import get_codec
 from moestream.engine import kernels as K
 
 H, I = 2048, 768
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (or platform's answer)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def git_commit() -> str:
