@@ -143,7 +143,10 @@ def test_errors_are_openai_style(client: openai.OpenAI, server: ServerThread) ->
     r = httpx.get(url + "/nothing-here")
     assert r.status_code == 404 and "error" in r.json()
     # nothing above broke the server
-    assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    # (sampled without a seed, so EOS may legitimately end it after one token)
+    after = client.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+    assert 1 <= after.usage.completion_tokens <= 2 and after.choices[0].finish_reason in ("stop", "length")
+    assert after.usage.completion_tokens == 2 or after.choices[0].finish_reason == "stop"
 
 
 def test_health(server: ServerThread) -> None:

@@ -132,7 +132,7 @@ def test_soak_10k_tokens_no_drift_no_leaks(shard_model: Path) -> None:
         drift = (late - early) / early
         assert drift < 0.02, f"RSS drift {drift:.2%} after warm-up ({early} -> {late} bytes)"
 
-        assert _fds() == fds0, "file descriptors leaked"
+        assert _fds() <= fds0, "file descriptors leaked"  # fewer is fine (an fd from warm-up closed)
         assert psutil.Process().num_threads() == threads0 and threading.active_count() == pythreads0, "threads leaked"
 
         s = engine.stats()
