@@ -133,7 +133,7 @@ def test_soak_10k_tokens_no_drift_no_leaks(shard_model: Path) -> None:
         assert drift < 0.02, f"RSS drift {drift:.2%} after warm-up ({early} -> {late} bytes)"
 
         assert _fds() <= fds0, "file descriptors leaked"  # fewer is fine (an fd from warm-up closed)
-        assert psutil.Process().num_threads() == threads0 and threading.active_count() == pythreads0, "threads leaked"
+        assert psutil.Process().num_threads() <= threads0 and threading.active_count() <= pythreads0, "threads leaked"
 
         s = engine.stats()
         assert s["requests"] == client.requests and s["generated_tokens_total"] == client.tokens
