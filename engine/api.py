@@ -159,42 +159,6 @@ def _load_hf(folder: Path) -> tuple[torch.nn.Module, Tokenizer, dict]:
     return model, tokenizer, {"model_type": args.model_type, "max_position_embeddings": args.max_position_embeddings}
 
 
-def _load_shards(path: Path) -> tuple[torch.nn.Module, Tokenizer, dict]:
-    """Load a moestream shard folder/file with every expert resident (level 0, decoded to fp32).
-
-    The streaming path (experts read on demand under a budget) replaces the
-    resident provider once the planner is wired in; the model and tokenizer
-    come from the shards either way.
-
-    Raises:
-        ModelFormatError: bad shards, or shards converted without a tokenizer.
-    """
-    from moestream.convert.shards import ShardedModel
-    from moestream.engine.experts import ResidentExperts
-    from moestream.engine.hf_loading import build_model
-
-    reader = ShardedModel.open(path)
-    try:
-        if not reader.tokenizer_json:
-            raise ModelFormatError(f"{reader.paths[0]}: the shards carry no tokenizer; convert from an HF folder "
-                                   "that has tokenizer.json")
-        eos = reader.config.get("eos_token_id")
-        tokenizer = Tokenizer.from_str(reader.tokenizer_json, chat_template=reader.chat_template,
-                                       eos_token_ids=[eos] if isinstance(eos, int) else (eos or []))
-        model, args = build_model(reader.model_type, reader.config)
-        model.load_canonical({n: reader.read_dense(n).float() for n in reader.dense_names()})
-
-        def experts() -> Iterator[tuple[str, torch.Tensor]]:
-            for layer, expert in reader.expert_keys():
-                for proj, t in reader.read_expert(layer, expert, 0).items():
-                    yield f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight", t
-
-        model.set_expert_provider(ResidentExperts.from_canonical(experts(), torch.float32))
-    finally:
-        reader.close()
-    return model, tokenizer, {"model_type": args.model_type, "max_position_embeddings": args.max_position_embeddings}
-
-
 def _check_hf_budget(folder: Path, memory_bytes: int | None, ctx: int | None) -> None:
     """Refuse (before reading weights) an HF folder whose fully resident load exceeds the budget."""
     if memory_bytes is None:
@@ -224,12 +188,7 @@ def _load_shards_streaming(path: Path, memory: str | int | None, ctx: int | None
     from moestream.engine.streaming import load_streaming_model
 
     with ShardedModel.open(path, verify="off") as reader:
-        if not reader.tokenizer_json:
-            raise ModelFormatError(f"{reader.paths[0]}: the shards carry no tokenizer; convert from an HF folder "
-                                   "that has tokenizer.json")
-        eos = reader.config.get("eos_token_id")
-        tokenizer = Tokenizer.from_str(reader.tokenizer_json, chat_template=reader.chat_template,
-                                       eos_token_ids=[eos] if isinstance(eos, int) else (eos or []))
+        tokenizer = Tokenizer.from_shards(reader)
     try:
         loaded = load_streaming_model(path, memory=memory, ctx=ctx if ctx is None else max(int(ctx), 2),
                                       precision_policy=precision_policy, cache_policy=cache_policy)

@@ -118,14 +118,8 @@ def load_compressed_resident(path: str | Path, level: int | None = None):
     from moestream.engine.tokenizer import Tokenizer
 
     with ShardedModel.open(path, verify="off") as reader:
-        config, template, codec = reader.config, reader.chat_template, reader.codec
-    model, tok_json = load_eval_model(path, level)
-    if not tok_json:
-        raise ModelFormatError(f"{path}: the shards carry no tokenizer; convert from an HF folder that has "
-                               "tokenizer.json")
-    eos = config.get("eos_token_id")
-    tokenizer = Tokenizer.from_str(tok_json, chat_template=template,
-                                   eos_token_ids=[eos] if isinstance(eos, int) else (eos or []))
+        tokenizer, codec = Tokenizer.from_shards(reader), reader.codec
+    model, _ = load_eval_model(path, level)
     args = model.args
     return model, tokenizer, {"model_type": args.model_type, "max_position_embeddings": args.max_position_embeddings,
                               "expert_codec": codec, "expert_level": "max" if level is None else level,

@@ -175,6 +175,23 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- building
     @classmethod
+    def from_shards(cls, reader: Any) -> "Tokenizer":
+        """The tokenizer, chat template and EOS ids carried in a moestream shard model's metadata.
+
+        Args:
+            reader: an open ``moestream.convert.shards.ShardedModel``.
+
+        Raises:
+            ModelFormatError: the shards carry no tokenizer.
+        """
+        if not reader.tokenizer_json:
+            raise ModelFormatError(f"{reader.paths[0]}: the shards carry no tokenizer; convert from an HF folder "
+                                   "that has tokenizer.json")
+        eos = reader.config.get("eos_token_id")
+        return cls.from_str(reader.tokenizer_json, chat_template=reader.chat_template,
+                            eos_token_ids=[eos] if isinstance(eos, int) else (eos or []))
+
+    @classmethod
     def from_str(cls, tokenizer_json: str, *, chat_template: str | None = None,
                  tokenizer_config: Mapping[str, Any] | None = None,
                  eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
