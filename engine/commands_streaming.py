@@ -476,7 +476,7 @@ def analyze_model(model: str, text_files: Sequence[str], out_dir: str | None, *,
 # ------------------------------------------------------------------------------------------- CLI
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``doctor`` and ``analyze`` to the ``moestream`` CLI."""
-    from moestream.scheduler.analysis import DEFAULT_POLICIES, DEFAULT_SEGMENT_LENGTHS
+    from moestream.scheduler.commands import add_analysis_options
 
     p = subparsers.add_parser("doctor", help="will MODEL fit --memory, and how fast will it decode?",
                               description="Plan MODEL under the budget without loading weights: fits or not, "
@@ -502,14 +502,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--window", type=int, default=256, help="tokens per recorded sequence (default 256)")
     a.add_argument("--max-windows", type=int, help="at most this many sequences per text file")
     a.add_argument("--memory", metavar="SIZE", help="budget for loading the model")
-    a.add_argument("--segment-lengths", type=int, nargs="+", default=list(DEFAULT_SEGMENT_LENGTHS))
-    a.add_argument("--sch-m", type=int, default=16, help="SCH segment length (default 16)")
-    a.add_argument("--rho", type=int, nargs="+", help="cache sizes in active experts (default 1..E/k)")
-    a.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
-    a.add_argument("--scope", nargs="+", choices=["layer", "model"], default=["layer", "model"])
-    a.add_argument("--window-tokens", type=int, default=4, help="consistency policy window in tokens (default 4)")
-    a.add_argument("--seed", type=int, default=0, help="seed of the time-shuffled baseline")
-    a.add_argument("--no-plot", action="store_true")
+    add_analysis_options(a)
     a.set_defaults(func=cmd_analyze)
 
 

@@ -26,6 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "SRP, hit-rate curves of LRU/LFU/consistency/SCH/Belady and a cache size.")
     p.add_argument("trace", help="routing trace file (.npz)")
     p.add_argument("--out", help="folder for report.json and hit_rate.png")
+    add_analysis_options(p)
+    p.set_defaults(func=run_analyze)
+
+
+def add_analysis_options(p: argparse.ArgumentParser) -> None:
+    """The analysis settings shared by every ``analyze`` front end (trace file or model + text)."""
     p.add_argument("--segment-lengths", type=int, nargs="+", default=list(DEFAULT_SEGMENT_LENGTHS))
     p.add_argument("--sch-m", type=int, default=16, help="SCH segment length (default 16)")
     p.add_argument("--rho", type=int, nargs="+", help="cache sizes in active experts (default 1..E/k)")
@@ -34,7 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--window-tokens", type=int, default=4, help="consistency policy window in tokens (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the time-shuffled baseline")
     p.add_argument("--no-plot", action="store_true")
-    p.set_defaults(func=run_analyze)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
