@@ -106,7 +106,7 @@ def test_chat_history_and_eof(model_dir: Path) -> None:
 
 
 def test_chat_ctrl_c_stops_answer_not_session(model_dir: Path) -> None:
-    proc = subprocess.Popen(CLI + ["chat", str(model_dir), "-n", "100000", "--ctx", "3000"],
+    proc = subprocess.Popen(CLI + ["chat", str(model_dir), "-n", "100000", "--ctx", "3000", "--seed", "0"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=subprocess_env())
     out: list[bytes] = []
