@@ -23,25 +23,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from runtime_model import build_runtime_model, subprocess_env  # noqa: E402
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+from moestream.bench.cgroup import CGROUP_V1_ROOT as CGROUP_ROOT, cgroup_unavailable_reason  # noqa: E402
 CTX = 256
 
 
-def _cgroup_v1_usable() -> str | None:
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "needs root to create memory cgroups"
-    if not (CGROUP_ROOT / "memory.limit_in_bytes").is_file():
-        return "cgroup v1 memory controller not mounted at /sys/fs/cgroup/memory"
-    probe = CGROUP_ROOT / f"moestream_probe_{uuid.uuid4().hex[:8]}"
-    try:
-        probe.mkdir()
-        probe.rmdir()
-    except OSError as exc:
-        return f"cannot create a memory cgroup: {exc}"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_cgroup_v1_usable() is not None, reason=str(_cgroup_v1_usable()))
+_UNAVAILABLE = cgroup_unavailable_reason(CGROUP_ROOT)
+pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None, reason=str(_UNAVAILABLE))
 
 
 @pytest.fixture(scope="module")
