@@ -5,7 +5,8 @@ Owns :func:`create_app` (routes ``/v1/models``, ``/v1/completions``,
 with ``data: [DONE]``, ``/health``), the request queue (ONE worker thread
 runs every generation in arrival order, so concurrent clients each get the
 answer they would get alone), OpenAI-style error bodies for every 4xx/5xx,
-the body-size and ``max_tokens`` limits, and :func:`serve` /
+the body-size limit (:class:`BodyLimitMiddleware`, which also bounds chunked
+bodies while they stream in) and the ``max_tokens`` limit, and :func:`serve` /
 :class:`ServerThread` (bind first so "port in use" is a clear error; loopback
 by default, a warning when bound elsewhere).
 
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Literal
 
 from fastapi import FastAPI, Request
@@ -213,6 +215,94 @@ class RequestQueue:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+# ------------------------------------------------------------------------------------------- body limit
+@dataclass
+class BodyLimitStats:
+    """What :class:`BodyLimitMiddleware` refused (``app.state.body_limit``; for tests and ``/health``).
+
+    Attributes:
+        max_body_bytes: the limit.
+        rejected: requests answered 413.
+        last_rejected_read_bytes: body bytes read from the last refused request before answering
+            (0 when its Content-Length alone was enough).
+        last_rejected_message_bytes: size of the last ASGI body message read from it (the one that
+            crossed the limit), so ``read - message <= max_body_bytes`` shows the read stopped at once.
+    """
+
+    max_body_bytes: int
+    rejected: int = 0
+    last_rejected_read_bytes: int = 0
+    last_rejected_message_bytes: int = 0
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: request bodies larger than the limit get 413 without being read to the end.
+
+    A ``Content-Length`` above the limit is refused before any body byte reaches the app (the
+    connection stays open, so uvicorn discards the announced bytes and a client that writes its whole
+    body before reading still gets the 413). Any other body (``Transfer-Encoding: chunked``, which
+    has no announced end) is read message by message; the first message that crosses the limit ends
+    the request with 413 and ``Connection: close``, so the server never holds more than the limit
+    plus one message (bounded by uvicorn's read-buffer high-water mark) of it and stops reading.
+    Bodies within the limit are handed to the app unchanged (buffered, as FastAPI reads them whole
+    anyway).
+    """
+
+    def __init__(self, app: Any, stats: BodyLimitStats) -> None:
+        """Args:
+        app: the wrapped ASGI app.
+        stats: the limit and the counters to update.
+        """
+        self.app = app
+        self.stats = stats
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        limit = self.stats.max_body_bytes
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await self._refuse(send, read=0, message=0, close=False)
+            return
+        if length is None and b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # HTTP/1.1: no body
+            return
+        messages: list[dict] = []
+        read = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                messages.append(message)
+                break
+            size = len(message.get("body", b""))
+            read += size
+            if read > limit:
+                await self._refuse(send, read=read, message=size, close=True)
+                return
+            messages.append(message)
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Callable, *, read: int, message: int, close: bool) -> None:
+        """Answer 413 (OpenAI-style body); ``close`` adds ``Connection: close`` so the rest is never read."""
+        self.stats.rejected += 1
+        self.stats.last_rejected_read_bytes = read
+        self.stats.last_rejected_message_bytes = message
+        body = APIError(413, f"request body larger than {self.stats.max_body_bytes} bytes").response().body
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 # ------------------------------------------------------------------------------------------- app
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -229,7 +319,8 @@ def create_app(engine: Any, *, model_name: str | None = None, max_body_bytes: in
         max_tokens_limit: larger ``max_tokens`` get HTTP 400.
 
     Returns:
-        The app (run it with uvicorn, or :func:`serve` / :class:`ServerThread`).
+        The app (run it with uvicorn, or :func:`serve` / :class:`ServerThread`); ``app.state.body_limit``
+        is its :class:`BodyLimitStats`.
     """
     name = model_name or engine.name
     created = int(time.time())
@@ -243,16 +334,8 @@ def create_app(engine: Any, *, model_name: str | None = None, max_body_bytes: in
     app = FastAPI(title="moestream", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine, app.state.queue = engine, queue
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return APIError(413, f"request body larger than {max_body_bytes} bytes").response()
-        if request.method == "POST" and length is None:
-            body = await request.body()
-            if len(body) > max_body_bytes:
-                return APIError(413, f"request body larger than {max_body_bytes} bytes").response()
-        return await call_next(request)
+    app.state.body_limit = BodyLimitStats(max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, stats=app.state.body_limit)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -471,7 +554,8 @@ class ServerThread:
         """
         self.sock = bind_socket(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = _uvicorn_server(create_app(engine, **app_kwargs), quiet=True)
+        self.app = create_app(engine, **app_kwargs)
+        self.server = _uvicorn_server(self.app, quiet=True)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="moestream-server")
         self.thread.start()

@@ -5,8 +5,10 @@ Proves (loopback addresses only, every loop bounded):
 - the default bind is 127.0.0.1 (``ServerThread``, ``serve`` and the ``serve``
   CLI default); any other address needs an explicit ``--host`` and prints a
   warning that the model becomes reachable without authentication;
-- request bodies above the limit get 413 (with or without Content-Length),
-  ``max_tokens`` above the limit gets 400;
+- request bodies above the limit get 413 (with or without Content-Length);
+  a chunked body is refused while it streams in: the server reads at most
+  the limit plus one body message, closes the connection (the sender is cut
+  off) and answers the next request; ``max_tokens`` above the limit gets 400;
 - malformed requests (bad JSON, wrong types, missing or out-of-range fields,
   unknown model, wrong method/path, 400 random JSON bodies from hypothesis)
   always get a 4xx with an OpenAI-style error body, never a 5xx;
@@ -117,6 +119,85 @@ def test_body_limit_with_and_without_content_length(http) -> None:
 
     r = http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and _is_openai_error(r)
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (status, lower-cased headers, body) read from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(65536)
+        assert got, f"connection closed before a response: {data!r}"
+        data += got
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        got = sock.recv(65536)
+        if not got:
+            break
+        body += got
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_chunked_body_over_limit_is_refused_while_streaming(srv, http) -> None:
+    """A chunked body (no Content-Length) 3,000x the limit: 413 as soon as the limit is crossed.
+
+    The server stops reading (it closes the connection, so the sender is cut off long before the
+    64 MiB are out) and has read at most the limit plus the one body message that crossed it.
+    """
+    chunk, total = 4096, 64 * 2**20
+    stats = srv.app.state.body_limit
+    rejected_before = stats.rejected
+    sock = socket.create_connection((srv.host, srv.port), timeout=60)
+    outcome: dict[str, object] = {"sent": 0}
+
+    def send_body() -> None:
+        piece = (b'{"model": "tiny", "prompt": "' + b"x" * chunk)[:chunk]
+        framed = b"%x\r\n" % chunk + piece + b"\r\n"
+        try:
+            for _ in range(total // chunk):
+                sock.sendall(framed)
+                outcome["sent"] = int(outcome["sent"]) + chunk
+                piece = b"x" * chunk
+                framed = b"%x\r\n" % chunk + piece + b"\r\n"
+            sock.sendall(b"0\r\n\r\n")
+            outcome["finished"] = True
+        except OSError as exc:  # the server closed the connection under us: expected
+            outcome["error"] = exc
+
+    try:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {srv.host}:{srv.port}\r\n"
+                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        sender = threading.Thread(target=send_body, daemon=True)
+        sender.start()
+        status, headers, body = _read_response(sock)
+        sender.join(timeout=60)
+        assert not sender.is_alive()
+    finally:
+        sock.close()
+    assert status == 413, (status, body)
+    assert isinstance(json.loads(body)["error"]["message"], str)
+    assert headers.get("connection") == "close"
+    assert "finished" not in outcome and isinstance(outcome.get("error"), OSError), outcome  # cut off
+    assert int(outcome["sent"]) < total
+    assert stats.rejected == rejected_before + 1
+    read, last = stats.last_rejected_read_bytes, stats.last_rejected_message_bytes
+    assert MAX_BODY < read and read - last <= MAX_BODY  # it stopped at the first message over the limit
+    assert read <= MAX_BODY + 512 * 1024  # one message is bounded by uvicorn's read buffer, not by the body
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_chunked_body_within_limit_is_served(srv, http) -> None:
+    body = json.dumps({"model": "tiny", "prompt": "Hello " * 50, "max_tokens": 2}).encode()
+    assert len(body) < MAX_BODY
+
+    def chunks():
+        for i in range(0, len(body), 64):
+            yield body[i:i + 64]
+
+    r = http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_max_tokens_limit(http) -> None:
