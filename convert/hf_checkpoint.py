@@ -50,6 +50,9 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _MIXTRAL_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.\d+)\.(w1|w2|w3)\.weight$")
 _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(\.weight)?$")
+#: Bytes per element of the safetensors dtypes (header ``dtype`` strings).
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
 class ExpertKey(NamedTuple):
@@ -190,6 +193,27 @@ class HFCheckpoint:
     def shape(self, hf_name: str) -> tuple[int, ...]:
         """Stored shape of a tensor without reading its data."""
         return tuple(self._handle(self._weight_map[hf_name]).get_slice(hf_name).get_shape())
+
+    def nbytes(self, hf_name: str) -> int:
+        """Stored bytes of a tensor (shape x dtype from the safetensors header; nothing is read).
+
+        Raises:
+            KeyError: unknown name.
+            ModelFormatError: a dtype this reader does not know.
+        """
+        sl = self._handle(self._weight_map[hf_name]).get_slice(hf_name)
+        dtype = sl.get_dtype()
+        if dtype not in _DTYPE_BYTES:
+            raise ModelFormatError(f"{self.path / self._weight_map[hf_name]}: tensor {hf_name} has dtype {dtype}, "
+                                   f"which moestream does not read (known: {', '.join(sorted(_DTYPE_BYTES))})")
+        n = _DTYPE_BYTES[dtype]
+        for d in sl.get_shape():
+            n *= int(d)
+        return n
+
+    def canonical_nbytes(self) -> int:
+        """Stored bytes that reading every canonical tensor once transfers (skipped tensors excluded)."""
+        return sum(self.nbytes(h) for h in {src.hf_name for src in self._source_map().values()})
 
     # --- canonical names ----------------------------------------------------------------------------
     def _build_sources(self) -> dict[str, _Source]:

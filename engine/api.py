@@ -150,12 +150,12 @@ def _parse_memory(memory: str | int | None) -> int | None:
         raise BudgetError(f"cannot use --memory {memory!r}: {exc}") from exc
 
 
-def _load_hf(folder: Path) -> tuple[torch.nn.Module, Tokenizer, dict]:
-    """Load an HF folder: model with resident experts, tokenizer, config."""
+def _load_hf(folder: Path, progress: bool = False) -> tuple[torch.nn.Module, Tokenizer, dict]:
+    """Load an HF folder: model with resident experts, tokenizer, config (``progress``: a bar on stderr)."""
     from moestream.engine.hf_loading import load_hf_model
 
     tokenizer = Tokenizer.from_folder(folder)
-    model, args = load_hf_model(folder)
+    model, args = load_hf_model(folder, progress=progress)
     return model, tokenizer, {"model_type": args.model_type, "max_position_embeddings": args.max_position_embeddings}
 
 
@@ -177,8 +177,11 @@ def _check_hf_budget(folder: Path, memory_bytes: int | None, ctx: int | None) ->
 
 
 def _load_shards_streaming(path: Path, memory: str | int | None, ctx: int | None, precision_policy: str,
-                           cache_policy: str) -> tuple[torch.nn.Module, Tokenizer, dict]:
+                           cache_policy: str, *,
+                           progress: bool = False) -> tuple[torch.nn.Module, Tokenizer, dict]:
     """Plan the budget, then load a shard model whose experts stream through the arena.
+
+    ``progress`` shows a bar on stderr while the dense weights load.
 
     Raises:
         BudgetError: the budget is below the minimum (names it), before any weight is read.
@@ -191,7 +194,8 @@ def _load_shards_streaming(path: Path, memory: str | int | None, ctx: int | None
         tokenizer = Tokenizer.from_shards(reader)
     try:
         loaded = load_streaming_model(path, memory=memory, ctx=ctx if ctx is None else max(int(ctx), 2),
-                                      precision_policy=precision_policy, cache_policy=cache_policy)
+                                      precision_policy=precision_policy, cache_policy=cache_policy,
+                                      progress=progress)
     except ValueError as exc:  # unknown policy names
         raise MoestreamError(str(exc)) from exc
     args = loaded.args
@@ -268,7 +272,8 @@ class Engine:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, path_or_name: str | Path = "default", memory: str | int | None = None, device: str = "auto",
-             ctx: int | None = None, precision_policy: str = "exact", cache_policy: str = "lru") -> "Engine":
+             ctx: int | None = None, precision_policy: str = "exact", cache_policy: str = "lru",
+             progress: bool = False) -> "Engine":
         """Load a model.
 
         Args:
@@ -280,6 +285,8 @@ class Engine:
             precision_policy: ``exact`` (bit-identical to the resident model) or ``adaptive``
                 (run a late expert at a resident lower level); shard models only.
             cache_policy: expert cache eviction, ``lru`` | ``lfu`` | ``consistency``; shard models only.
+            progress: show a tqdm bar on stderr while weights load (HF folders and streamed shard
+                models; off by default here, on in the CLI when stderr is a terminal).
 
         A moestream shard model is planned BEFORE anything is read (``engine/planning.py``;
         default budget: a safe fraction of available RAM) and its experts always stream
@@ -302,7 +309,7 @@ class Engine:
         log.info("loading %s (%s) from %s", src.name, src.kind, src.path)
         if src.kind == "hf":
             _check_hf_budget(src.path, memory_bytes, ctx)
-            model, tokenizer, info = _load_hf(src.path)
+            model, tokenizer, info = _load_hf(src.path, progress)
         elif src.kind == "llamacpp":  # stock llama.cpp MoE GGUF: experts decoded resident (no streaming yet)
             from moestream.engine.gguf_loading import load_llamacpp_gguf_with_tokenizer
 
@@ -313,7 +320,8 @@ class Engine:
             if is_compressed_shards(src.path):  # nested/GGML expert codecs: resident decode (no streaming yet)
                 model, tokenizer, info = load_compressed_resident(src.path)
             else:
-                model, tokenizer, info = _load_shards_streaming(src.path, memory, ctx, precision_policy, cache_policy)
+                model, tokenizer, info = _load_shards_streaming(src.path, memory, ctx, precision_policy, cache_policy,
+                                                                progress=progress)
                 memory_bytes = info["memory_plan"]["budget_bytes"]
         limit = int(info.get("max_position_embeddings") or DEFAULT_CTX)
         ctx = min(DEFAULT_CTX, limit) if ctx is None else int(ctx)

@@ -19,6 +19,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -99,13 +100,21 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"-n/--max-tokens must be at least 1, got {args.max_tokens}")
 
 
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether to draw loading bars on stderr: yes for a terminal, no with ``--quiet`` or ``TQDM_DISABLE`` set."""
+    if getattr(args, "quiet", False) or os.environ.get("TQDM_DISABLE"):
+        return False
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def load_engine(args: argparse.Namespace) -> Any:
-    """Engine.load with the shared model options."""
+    """Engine.load with the shared model options (a loading bar when :func:`show_progress`)."""
     from moestream.engine.api import Engine
 
     return Engine.load(args.model, memory=args.memory, device=args.device, ctx=args.ctx,
                        precision_policy=getattr(args, "precision_policy", "exact"),
-                       cache_policy=getattr(args, "cache_policy", "lru"))
+                       cache_policy=getattr(args, "cache_policy", "lru"), progress=show_progress(args))
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -232,8 +241,6 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("moestream").setLevel(level)
     if quiet:
-        import os
-
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 

@@ -52,12 +52,14 @@ def build_model(model_type: str, config: dict, dtype: torch.dtype = torch.float3
     return model.to(dtype).eval(), args
 
 
-def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MoECausalLM, BaseModelArgs]:
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32,
+                  progress: bool = False) -> tuple[MoECausalLM, BaseModelArgs]:
     """Load an HF model folder with every expert resident in memory.
 
     Args:
         path: folder with ``config.json`` and safetensors weights (single or sharded).
         dtype: compute/storage dtype for dense weights and experts (fp32 is the reference).
+        progress: show a tqdm bar on stderr ("loading weights", stored bytes of every tensor read).
 
     Returns:
         ``(model, args)``; ``model.expert_provider`` is a :class:`ResidentExperts`.
@@ -66,12 +68,23 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple
         ModelFormatError: missing/invalid config or weights, or tensors that do not match the family.
         UnsupportedModelError: unknown ``model_type`` (names the supported ones).
     """
+    from tqdm import tqdm
+
     ckpt = HFCheckpoint.open(path)
     model, args = build_model(ckpt.model_type, ckpt.config, dtype)
     names = ckpt.canonical_names()
-    dense = {n: ckpt.read_canonical(n) for n in names if not is_expert_name(n)}
-    model.load_canonical(dense)
-    experts = ResidentExperts.from_canonical(((n, ckpt.read_canonical(n)) for n in names if is_expert_name(n)), dtype)
+    total = ckpt.canonical_nbytes() if progress else 0
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights",
+              disable=not progress) as bar:
+
+        def read(name: str) -> torch.Tensor:
+            t = ckpt.read_canonical(name)
+            bar.update(t.numel() * t.element_size())
+            return t
+
+        dense = {n: read(n) for n in names if not is_expert_name(n)}
+        model.load_canonical(dense)
+        experts = ResidentExperts.from_canonical(((n, read(n)) for n in names if is_expert_name(n)), dtype)
     _check_experts(model, args, experts, ckpt.path)
     model.set_expert_provider(experts)
     ckpt.close()

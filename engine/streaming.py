@@ -254,8 +254,13 @@ def default_ctx(config: dict, ctx: int | None, default: int = 2048) -> int:
     return min(default, int(config.get("max_position_embeddings") or default))
 
 
-def load_dense(model: MoECausalLM, reader: ShardedModel) -> None:
+def load_dense(model: MoECausalLM, reader: ShardedModel, progress: bool = False) -> None:
     """Copy every dense tensor into the model, one read at a time (peak: one stored tensor).
+
+    Args:
+        model: the built model (its dense parameters are overwritten).
+        reader: the opened shards.
+        progress: show a tqdm bar on stderr ("loading dense weights", stored bytes).
 
     Raises:
         ModelFormatError: missing/unexpected tensors or shape mismatches (names them).
@@ -267,7 +272,11 @@ def load_dense(model: MoECausalLM, reader: ShardedModel) -> None:
     if missing or unexpected:
         raise ModelFormatError(f"{reader.paths[0]}: shards do not match {model.args.model_type}: missing "
                                f"{missing[:5]}, unexpected {unexpected[:5]}; re-run convert")
-    with torch.no_grad():
+    from tqdm import tqdm
+
+    total = sum(reader.dense_record(n).nbytes for n in names)
+    with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                               desc="loading dense weights", disable=not progress) as bar:
         for name in names:
             t = reader.read_dense(name)
             if tuple(t.shape) != tuple(own[name].shape):
@@ -275,6 +284,7 @@ def load_dense(model: MoECausalLM, reader: ShardedModel) -> None:
                                        f"{tuple(own[name].shape)}; re-run convert")
             own[name].copy_(t)
             del t
+            bar.update(reader.dense_record(name).nbytes)
     for p in reader.paths:  # dense bytes were read with buffered preads: drop them from the page cache
         _drop_page_cache(p)
 
@@ -309,7 +319,8 @@ class StreamingLoad:
 
 def load_streaming_model(path: str | Path, *, memory: str | int | None = None, ctx: int | None = None,
                          precision_policy: str = "exact", cache_policy: str = "lru",
-                         n_workers: int = DEFAULT_IO_WORKERS, verify: str = "once") -> StreamingLoad:
+                         n_workers: int = DEFAULT_IO_WORKERS, verify: str = "once",
+                         progress: bool = False) -> StreamingLoad:
     """Plan, then load a shard model whose experts stream through the arena.
 
     Args:
@@ -320,6 +331,7 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
         cache_policy: ``lru`` | ``lfu`` | ``consistency``.
         n_workers: I/O threads.
         verify: checksum policy (``once`` | ``always`` | ``off``).
+        progress: show a progress bar on stderr while the dense weights load.
 
     Returns:
         A :class:`StreamingLoad`; ``model.expert_provider`` is a :class:`StreamingExperts`.
@@ -344,7 +356,7 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
                  format_bytes(plan.workspace_bytes), format_bytes(plan.io_buffer_bytes),
                  format_bytes(plan.arena_bytes), format_bytes(plan.min_budget_bytes))
         model, args = _build(reader)
-        load_dense(model, reader)
+        load_dense(model, reader, progress=progress)
         provider = StreamingExperts(reader, plan, cache_policy=cache_policy, precision_policy=precision_policy,
                                     n_moe_layers=len(model.moe_layers()), top_k=int(args.top_k), n_workers=n_workers)
     except BaseException:
