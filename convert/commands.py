@@ -56,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Convert a Hugging Face MoE checkpoint (config.json + safetensors) into moestream "
                     "GGUF shards: one contiguous, page-aligned byte range per expert, checksums, "
                     "tokenizer and chat template carried along. Writes *.partial files and renames "
-                    "them when complete.")
+                    "each when complete (shard 1 last). Re-running the same command after an interruption "
+                    "resumes: shards already complete (same input, same options, checksums verified) are "
+                    "kept; a different input or different options start clean.")
     p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created if missing)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="f16",
@@ -64,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", type=parse_size, default="2GB", metavar="SIZE",
                    help="tensor bytes per shard file, e.g. 2GB, 500MB, 1.5GiB; 0 = one file (default 2GB)")
     p.add_argument("--force", action="store_true", help="replace a model already in OUT_DIR")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start clean even when OUT_DIR holds the completed shards of an interrupted conversion "
+                        "of the same input with the same options (default: keep them)")
     p.add_argument("--target", choices=("moestream", "llama.cpp"), default="moestream",
                    help="moestream: streaming shards (default); llama.cpp: one stock GGUF file OUT_DIR/model-<qtype>.gguf "
                         "that llama.cpp / llama-cpp-python load (no compression options)")
@@ -187,7 +192,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return _export_llamacpp(args, progress)
     if not _compressing(args):
         paths = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                   progress=progress, overwrite=args.force)
+                                   progress=progress, overwrite=args.force, resume=getattr(args, "resume", True))
         total = sum(p.stat().st_size for p in paths)
         print(f"wrote {len(paths)} shard(s), {format_bytes(total)}: {paths[0]}")
         return 0
@@ -207,7 +212,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         paths, record = compress_checkpoint(args.hf_dir, args.out_dir, opts, model_loader=load_calibration_model,
                                             windows=windows, max_shard_size=args.max_shard_size, progress=progress,
-                                            overwrite=args.force)
+                                            overwrite=args.force, resume=getattr(args, "resume", True))
     except ValueError as exc:
         raise MoestreamError(str(exc)) from exc
     total = sum(p.stat().st_size for p in paths)

@@ -45,7 +45,7 @@ from moestream.convert.calibration import CalibrationResult, collect_stats, meas
 from moestream.convert.codecs import get_codec
 from moestream.convert.convert import (
     DEFAULT_MAX_SHARD_SIZE, DENSE_PRECISIONS, DTYPES, F32_NAME_SUFFIXES, ConversionPlan, UnquantizedCodec, _prepare_out_dir,
-    _canonical_shapes, plan_conversion, write_plan,
+    _canonical_shapes, conversion_key, plan_conversion, write_plan,
 )
 from moestream.convert.errors import BudgetError, MoestreamError
 from moestream.convert.hf_checkpoint import EXPERT_PROJS, HFCheckpoint
@@ -263,7 +263,8 @@ def compress_checkpoint(hf_dir: str | Path, out_dir: str | Path, opts: CompressO
                         model_loader: Callable[[Path], Any] | None = None,
                         windows: Sequence[Sequence[int]] | None = None,
                         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
-                        overwrite: bool = False, stem: str = C.DEFAULT_STEM) -> tuple[list[Path], dict[str, Any]]:
+                        overwrite: bool = False, stem: str = C.DEFAULT_STEM,
+                        resume: bool = True) -> tuple[list[Path], dict[str, Any]]:
     """Convert an HF MoE checkpoint with pruning, nested codecs and bit allocation.
 
     Args:
@@ -274,7 +275,10 @@ def compress_checkpoint(hf_dir: str | Path, out_dir: str | Path, opts: CompressO
         model_loader: ``path -> model`` (engine ``MoECausalLM`` with resident experts) used to
             calibrate when ``calibration`` is None and windows are given.
         windows: calibration token windows (:func:`moestream.convert.calibration.split_windows`).
-        max_shard_size / progress / overwrite / stem: as :func:`moestream.convert.convert.convert_checkpoint`.
+        max_shard_size / progress / overwrite / stem / resume: as
+            :func:`moestream.convert.convert.convert_checkpoint` (the resume key adds the
+            options and a digest of the calibration's activation scales, so a re-run whose
+            calibration came out differently starts clean).
 
     Returns:
         (shard paths, compression record).
@@ -292,8 +296,26 @@ def compress_checkpoint(hf_dir: str | Path, out_dir: str | Path, opts: CompressO
         plan, record = plan_compression(ckpt, opts, calibration)
         out = Path(out_dir)
         _prepare_out_dir(out, stem, overwrite)
-        paths = write_plan(ckpt, plan, out, max_shard_size, progress, stem)
+        key = conversion_key(ckpt, converter="compress", compress=asdict(opts),
+                             act_scales=_act_scales_digest(plan.codec))
+        paths = write_plan(ckpt, plan, out, max_shard_size, progress, stem, resume_key=key, resume=resume)
         record["file_bytes"] = sum(p.stat().st_size for p in paths)
         return paths, record
     finally:
         ckpt.close()
+
+
+def _act_scales_digest(codec: Any) -> str | None:
+    """SHA-256 of a nested codec's activation scales (they shape the bytes but are not in the metadata)."""
+    scales = getattr(codec, "act_scales", None)
+    if not scales:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(scales):
+        for proj in sorted(scales[key]):
+            arr = np.ascontiguousarray(np.asarray(scales[key][proj]))
+            h.update(f"{key}:{proj}:{arr.dtype}:{arr.shape}".encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()

@@ -33,7 +33,9 @@ GGUF_MAX_NAME_BYTES = 63  # GGML_MAX_NAME is 64 including the terminating NUL
 DEFAULT_STEM = "model"
 SHARD_NAME = "{stem}-{no:05d}-of-{count:05d}.gguf"  # no is 1-based, as llama.cpp's gguf-split
 SHARD_NAME_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-PARTIAL_SUFFIX = ".partial"  # shards being written; renamed away when conversion completes
+PARTIAL_SUFFIX = ".partial"  # shards being written; renamed away when each is complete (shard 1 last)
+#: Beside the shards while a conversion is unfinished: what it is (fingerprint) and which shards are done.
+CONVERT_STATE_FILE = ".convert-state.json"
 
 # --- generic GGUF keys (from gguf-py) ------------------------------------------------
 KEY_ARCHITECTURE = gguf.Keys.General.ARCHITECTURE
@@ -59,7 +61,7 @@ KEY_HEAD_COUNT_KV = gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=ARCH)
 
 # --- moestream keys -----------------------------------------------------------------
 KEY_FORMAT_VERSION = "moestream.format_version"  # u32
-KEY_MODEL_ID = "moestream.model_id"  # str (uuid4), in EVERY shard: detects mixed shard sets
+KEY_MODEL_ID = "moestream.model_id"  # str (uuid), in EVERY shard: detects mixed shard sets (see resume.py)
 KEY_MODEL_TYPE = "moestream.model_type"  # str, HF model_type
 KEY_HF_CONFIG = "moestream.hf_config"  # str, the HF config.json as JSON
 KEY_DTYPE = "moestream.dtype"  # str, requested storage dtype (f16 | bf16 | f32)

@@ -16,7 +16,10 @@ compressing converter (issue 4) extends rather than rewrites:
    how many each expert keeps;
 4. :func:`write_plan`: declare every tensor to :class:`ShardSetWriter`, then
    stream tensor by tensor (one expert's tensors in memory at a time) with a
-   progress bar; partial files are removed on error.
+   progress bar; partial files are removed on error. With a resume key (what
+   :func:`convert_checkpoint` passes: the source files' fingerprint and the
+   options) a re-run after an interruption keeps the shards already completed
+   and skips their tensors (``resume.py``).
 
 Knows nothing about the engine or the runtime scheduler.
 """
@@ -27,7 +30,7 @@ import errno
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +39,7 @@ from gguf import GGMLQuantizationType
 from moestream.convert import constants as C
 from moestream.convert.errors import ModelFormatError, MoestreamError
 from moestream.convert.hf_checkpoint import EXPERT_PROJS, HFCheckpoint, parse_expert_name
+from moestream.convert.resume import ResumeState
 from moestream.convert.shard_writer import MetaValue, ShardSetWriter, TensorDecl, padded
 
 DTYPES: dict[str, GGMLQuantizationType] = {
@@ -351,27 +355,34 @@ def build_metadata(ckpt: HFCheckpoint, dtype: str, codec: ExpertCodec,
 
 # --- writing -------------------------------------------------------------------------------
 def _prepare_out_dir(out_dir: Path, stem: str, overwrite: bool) -> None:
-    """Create ``out_dir``; drop stale ``.partial`` files; refuse to clobber a finished model."""
+    """Create ``out_dir``; refuse to clobber a finished model (``overwrite``: delete it).
+
+    Leftovers of an interrupted conversion (``.partial`` files, shards 2..N without
+    shard 1) are left to :class:`ShardSetWriter`, which keeps what it can resume from.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    for p in out_dir.glob(f"{stem}-*-of-*.gguf{C.PARTIAL_SUFFIX}"):
-        p.unlink()
     existing = sorted(p for p in out_dir.glob(f"{stem}-*-of-*.gguf") if C.SHARD_NAME_RE.match(p.name))
     finished = [p for p in existing if int(C.SHARD_NAME_RE.match(p.name).group("no")) == 1]
-    if existing and not finished:
-        # Shard 1 is renamed into place last: without it these are leftovers of an interrupted conversion.
-        for p in existing:
-            p.unlink()
-        existing = []
-    if existing and not overwrite:
-        raise MoestreamError(f"{out_dir}: already holds a converted model ({existing[0].name}); "
+    if not finished:  # shard 1 is renamed into place last: without it, this is an interrupted conversion
+        return
+    if not overwrite:
+        raise MoestreamError(f"{out_dir}: already holds a converted model ({finished[0].name}); "
                              "choose an empty folder or pass --force to replace it")
-    for p in existing:
+    for p in existing + sorted(out_dir.glob(f"{stem}-*-of-*.gguf{C.PARTIAL_SUFFIX}")):
         p.unlink()
+    ResumeState.remove(out_dir)
 
 
 def write_plan(ckpt: HFCheckpoint, plan: ConversionPlan, out_dir: Path, max_shard_size: int,
-               progress: bool = True, stem: str = C.DEFAULT_STEM) -> list[Path]:
+               progress: bool = True, stem: str = C.DEFAULT_STEM, *,
+               resume_key: Mapping[str, Any] | None = None, resume: bool = True) -> list[Path]:
     """Declare the plan to a :class:`ShardSetWriter` and stream every tensor into it.
+
+    Args:
+        resume_key: JSON-ready fingerprint of the input and options (see :func:`conversion_key`);
+            makes the conversion resumable: shards completed by an interrupted run with the
+            same key and plan are verified and kept, their tensors neither read nor encoded.
+        resume: False: start clean even when such shards exist.
 
     Returns:
         Shard paths, shard 1 first.
@@ -381,32 +392,35 @@ def write_plan(ckpt: HFCheckpoint, plan: ConversionPlan, out_dir: Path, max_shar
         MoestreamError: the disk filled up (the ``.partial`` files are removed first).
     """
     try:
-        return _write_shards(ckpt, plan, out_dir, max_shard_size, progress, stem)
+        return _write_shards(ckpt, plan, out_dir, max_shard_size, progress, stem, resume_key, resume)
     except OSError as exc:
         # numpy's tofile reports a short write as a plain OSError("N requested and M written"), no errno
         short_write = exc.errno is None and "written" in str(exc)
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and not short_write:
             raise
+        kept = "; completed shards are kept and a re-run resumes" if resume_key is not None else ""
         raise MoestreamError(f"{out_dir}: no space left on the device while writing the model ({exc}; partial "
-                             "files removed); free space or choose another output folder, then re-run convert"
+                             f"files removed{kept}); free space or choose another output folder, then re-run convert"
                              ) from exc
 
 
 def _write_shards(ckpt: HFCheckpoint, plan: ConversionPlan, out_dir: Path, max_shard_size: int,
-                  progress: bool, stem: str) -> list[Path]:
+                  progress: bool, stem: str, resume_key: Mapping[str, Any] | None, resume: bool) -> list[Path]:
     """:func:`write_plan` without the disk-full translation."""
     from tqdm import tqdm
 
-    with ShardSetWriter(out_dir, plan.metadata, max_shard_size, stem) as writer:
+    with ShardSetWriter(out_dir, plan.metadata, max_shard_size, stem, resume_key=resume_key, resume=resume) as writer:
         for d in plan.dense:
             writer.add_dense(d.decl)
         for e in plan.experts:
             for plane, decls in enumerate(e.planes):
                 writer.add_expert_plane(e.layer, e.expert, plane, decls)
         writer.begin()
-        with tqdm(total=writer.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc="convert", disable=not progress) as bar:
+        with tqdm(total=writer.total_bytes(), initial=writer.resumed_bytes(), unit="B", unit_scale=True,
+                  unit_divisor=1024, desc="convert", disable=not progress) as bar:
             for d in plan.dense:
+                if writer.resumed(d.decl.name):
+                    continue
                 t = ckpt.read_canonical(d.source)
                 if d.rows is not None:
                     t = t[list(d.rows)]
@@ -414,6 +428,8 @@ def _write_shards(ckpt: HFCheckpoint, plan: ConversionPlan, out_dir: Path, max_s
                 writer.write(d.decl.name, to_storage_array(t, d.decl.ggml_type, d.source))
                 bar.update(padded(d.decl.nbytes))
             for e in plan.experts:
+                if writer.resumed(e.planes[0][0].name):  # an expert never straddles two shards
+                    continue
                 tensors = _read_expert(ckpt, e)
                 arrays = plan.codec.encode(e.layer, e.expert, tensors)[:len(e.planes)]  # allocation may cap planes
                 for decls, plane_arrays in zip(e.planes, arrays, strict=True):
@@ -439,9 +455,19 @@ def _check_shape(folder: Path, name: str, got: tuple[int, ...], want: tuple[int,
                                "the checkpoint is inconsistent, re-download it")
 
 
+def conversion_key(ckpt: HFCheckpoint, **options: Any) -> dict[str, Any]:
+    """The resume key of a conversion: the source files' fingerprint and the options that shape the output.
+
+    Args:
+        ckpt: the opened checkpoint (:meth:`HFCheckpoint.fingerprint`: sizes, mtimes, header hashes).
+        options: JSON-ready options (dtype, codec options, a digest of calibration results...).
+    """
+    return {"source": ckpt.fingerprint(), "options": options}
+
+
 def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "f16",
                        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
-                       overwrite: bool = False, stem: str = C.DEFAULT_STEM) -> list[Path]:
+                       overwrite: bool = False, stem: str = C.DEFAULT_STEM, resume: bool = True) -> list[Path]:
     """Convert an HF MoE checkpoint to unquantized moestream shards.
 
     Args:
@@ -454,6 +480,9 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "f1
         progress: show a tqdm progress bar on stderr.
         overwrite: replace a model already in ``out_dir``.
         stem: shard file-name stem.
+        resume: keep the verified shards of an interrupted conversion of the same input
+            with the same options (False: start clean). A different input or different
+            options always start clean.
 
     Returns:
         Shard paths, shard 1 first.
@@ -472,6 +501,7 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "f1
         plan = plan_conversion(ckpt, dtype)
         out = Path(out_dir)
         _prepare_out_dir(out, stem, overwrite)
-        return write_plan(ckpt, plan, out, max_shard_size, progress, stem)
+        return write_plan(ckpt, plan, out, max_shard_size, progress, stem,
+                          resume_key=conversion_key(ckpt, converter="convert", dtype=dtype), resume=resume)
     finally:
         ckpt.close()

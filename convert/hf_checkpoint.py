@@ -39,6 +39,9 @@ from moestream.convert.errors import ModelFormatError
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+#: Files besides the weights whose content a conversion carries (hashed whole by :meth:`HFCheckpoint.fingerprint`).
+SIDE_FILES = (CONFIG_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 #: Canonical routed-expert tensor name.
 EXPERT_NAME = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
@@ -288,6 +291,40 @@ class HFCheckpoint:
     def is_fused(self) -> bool:
         """True when routed experts are stored as fused 3-D tensors."""
         return any(s.expert is not None for s in self._source_map().values())
+
+    def fingerprint(self) -> dict[str, dict[str, Any]]:
+        """What identifies the checkpoint's bytes without reading its weights (for resuming a conversion).
+
+        Returns:
+            ``{file name: {"size", "mtime_ns", "sha256"}}`` for every weight file (SHA-256 of
+            its safetensors header: names, dtypes, shapes, offsets) and every present
+            :data:`SIDE_FILES` entry (SHA-256 of the whole file).
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for name in sorted(set(self._weight_map.values())):
+            out[name] = _file_fingerprint(self.path / name, header_only=True)
+        for name in SIDE_FILES:
+            if (self.path / name).is_file():
+                out[name] = _file_fingerprint(self.path / name, header_only=False)
+        return out
+
+
+def _file_fingerprint(path: Path, header_only: bool) -> dict[str, Any]:
+    """Size, mtime and a SHA-256 of the whole file or (safetensors) of its 8-byte length + JSON header."""
+    import hashlib
+
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if header_only:
+            head = f.read(8)
+            h.update(head)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(f.read(min(n, _MAX_HEADER)))
+        else:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
 
 
 def _read_config(path: Path) -> dict[str, Any]:

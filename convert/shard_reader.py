@@ -534,6 +534,8 @@ def _shard_paths_in_folder(folder: Path) -> list[Path]:
         if partials:
             raise ModelFormatError(f"{folder}: conversion incomplete, re-run convert (only .partial files such as "
                                    f"{partials[0].name})")
+        if (folder / C.CONVERT_STATE_FILE).is_file():
+            raise ModelFormatError(f"{folder}: conversion incomplete, re-run convert to resume it")
         singles = sorted(folder.glob("*.gguf"))
         if len(singles) == 1:
             return singles
@@ -551,6 +553,8 @@ def _expand_set(folder: Path, stem: str, count: int) -> list[Path]:
             partial = p.with_name(p.name + C.PARTIAL_SUFFIX)
             if partial.exists():
                 raise ModelFormatError(f"{p}: conversion incomplete, re-run convert ({partial.name} exists, the shard does not)")
+            if (folder / C.CONVERT_STATE_FILE).is_file():
+                raise ModelFormatError(f"{p}: conversion incomplete (interrupted), re-run convert to resume it")
             raise ModelFormatError(f"{p}: shard missing (the model has {count} shards); re-copy it or re-run convert")
     return paths
 

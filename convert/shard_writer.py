@@ -21,8 +21,8 @@ Owns the on-disk layout decisions of format v1:
   a group never straddles two shards. All model metadata lives in shard 1;
   every shard carries ``split.no`` (0-based), ``split.count``,
   ``split.tensors.count``, ``general.alignment``, the format version and the
-  conversion's random ``moestream.model_id`` (so shards of two conversions
-  cannot be mixed).
+  conversion's ``moestream.model_id`` (random, or derived from the resume
+  fingerprint; so shards of two different conversions cannot be mixed).
 - **Checksums.** One SHA-256 per *checksum unit*: a dense tensor, or one
   expert plane, hashed over its exact on-disk byte range (data plus zero
   padding, i.e. the bytes a positioned read of that range returns). The hex
@@ -34,10 +34,19 @@ Owns the on-disk layout decisions of format v1:
   in place at the end. The reader checks file sizes at open (cheap) and
   verifies a unit's digest when that range is read (lazily), never the whole
   multi-GB shard at open.
-- **Atomic completion.** Shards are written as ``<name>.partial`` and renamed
-  only after every shard is complete and its digests are in place, shard 1
-  last. A folder holding only ``.partial`` files never loads (the reader says
-  "conversion incomplete, re-run convert").
+- **Atomic completion.** Shards are written as ``<name>.partial``; shards
+  2..N are fsynced and renamed into place as soon as each is complete, shard 1
+  (which holds every digest) only after all others, once its digests are in
+  place. A folder without shard 1 never loads (the reader says "conversion
+  incomplete, re-run convert").
+- **Resume.** Given a ``resume_key`` (the caller's fingerprint of its input
+  and options), the writer keeps ``.convert-state.json`` beside the shards
+  (``resume.py``): each completed shard is recorded after its rename, and a
+  later writer with the same key and layout verifies those shards and skips
+  them (:meth:`ShardSetWriter.resumed` tells the caller which tensors need no
+  data); anything else is redone, a different key starts clean. The model id
+  is then derived from the fingerprint, so a resumed set is byte-identical to
+  an uninterrupted one.
 
 Knows nothing about Hugging Face checkpoints, dtype policy or codecs: callers
 hand it declared tensors and numpy arrays.
@@ -47,18 +56,23 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from moestream.convert import constants as C
 from moestream.convert.errors import ModelFormatError
+from moestream.convert.resume import (
+    ResumeState, ShardRecord, conversion_fingerprint, fsync_dir, model_id_for, record_shard, verify_shard,
+)
 
+log = logging.getLogger("moestream")
 MetaValue = str | int | float | bool
 
 
@@ -139,11 +153,13 @@ class ShardSetWriter:
         paths = w.finish()             # checksums in place, partial files renamed
 
     On any exception between ``begin`` and ``finish`` call :meth:`abort` (the
-    context-manager form does it) so no partial files are left behind.
+    context-manager form does it) so no partial files are left behind (a
+    resumable writer keeps its completed shards and their record).
     """
 
     def __init__(self, out_dir: str | Path, metadata: Mapping[str, MetaValue], max_shard_size: int = 0,
-                 stem: str = C.DEFAULT_STEM) -> None:
+                 stem: str = C.DEFAULT_STEM, resume_key: Mapping[str, Any] | None = None,
+                 resume: bool = True) -> None:
         """Prepare a writer.
 
         Args:
@@ -155,12 +171,18 @@ class ShardSetWriter:
                 one (0 = a single shard). One group larger than this gets a
                 shard of its own.
             stem: file-name stem of the shards.
+            resume_key: JSON-ready fingerprint of the input and options; makes the
+                writer resumable (module docstring). None: not resumable, random model id.
+            resume: with a ``resume_key``, reuse the verified shards of an interrupted
+                conversion with the same fingerprint (False: start clean).
         """
         self.out_dir = Path(out_dir)
         self.metadata = dict(metadata)
         self.max_shard_size = int(max_shard_size)
         self.stem = stem
         self.model_id = str(uuid.uuid4())
+        self.resume_key = dict(resume_key) if resume_key is not None else None
+        self.resume = resume
         self.state = WriterState.DECLARING
         self._units: list[_Unit] = []
         self._names: set[str] = set()
@@ -170,10 +192,15 @@ class ShardSetWriter:
         self._seen_experts: set[tuple[int, int]] = set()
         # filled by begin()
         self._shard_of_group: list[int] = []
-        self._writers: list[GGUFWriter] = []
+        self._writers: dict[int, GGUFWriter] = {}  # shards being written (not resumed)
         self._partials: list[Path] = []
         self._finals: list[Path] = []
-        self._order: list[tuple[TensorDecl, _Unit, int]] = []  # (decl, unit, shard)
+        self._order: list[tuple[TensorDecl, _Unit, int]] = []  # (decl, unit, shard), resumed shards left out
+        self._shard_units: list[list[_Unit]] = []
+        self._resumed: dict[int, ShardRecord] = {}  # shard index -> verified record of an earlier run
+        self._resumed_names: set[str] = set()
+        self._renamed: list[Path] = []
+        self._resume_state: ResumeState | None = None
         self._cursor = 0
         self._hash: "hashlib._Hash | None" = None
         self._zeros = bytes(C.ALIGNMENT)
@@ -249,12 +276,16 @@ class ShardSetWriter:
     def begin(self) -> list[Path]:
         """Lay out shards, open ``.partial`` files and write every header and tensor table.
 
+        Leftovers of an interrupted conversion with this stem (``.partial`` files,
+        shards 2..N) are deleted, except, for a resumable writer, the verified
+        shards of a conversion with the same fingerprint (see :meth:`resumed`).
+
         Returns:
             The final shard paths (they exist only after :meth:`finish`).
 
         Raises:
             ValueError: nothing was declared.
-            FileExistsError: a final shard path already exists in the output folder.
+            FileExistsError: a finished model (a shard 1 of this stem) is already in the output folder.
         """
         if self.state is not WriterState.DECLARING:
             raise RuntimeError(f"begin() called in state {self.state.name}")
@@ -262,17 +293,34 @@ class ShardSetWriter:
             raise ValueError("no tensors declared")
         count = self._assign_shards()
         self._finals = [self.out_dir / C.shard_name(self.stem, i + 1, count) for i in range(count)]
-        for p in self._finals:
-            if p.exists():
-                raise FileExistsError(f"{p} already exists")
         self._partials = [p.with_name(p.name + C.PARTIAL_SUFFIX) for p in self._finals]
+        leftovers = self._leftovers()
+        for p in leftovers:
+            m = C.SHARD_NAME_RE.match(p.name)
+            if m is not None and int(m.group("no")) == 1:
+                raise FileExistsError(f"{p} already exists")
         per_shard: list[list[tuple[TensorDecl, _Unit]]] = [[] for _ in range(count)]
+        self._shard_units = [[] for _ in range(count)]
         for u in self._units:
+            shard = self._shard_of_group[u.group]
+            self._shard_units[shard].append(u)
             for t in u.tensors:
-                per_shard[self._shard_of_group[u.group]].append((t, u))
+                per_shard[shard].append((t, u))
+        if self.resume_key is not None:
+            self._start_resumable(count, per_shard)
+        keep = {self._finals[i] for i in self._resumed}
+        for p in leftovers:
+            if p not in keep:
+                p.unlink(missing_ok=True)
+        if self._resume_state is not None:
+            self._resume_state.save()
         n_tensors = sum(len(s) for s in per_shard)
         self.state = WriterState.WRITING
         for i, items in enumerate(per_shard):
+            if i in self._resumed:
+                for u, digest in zip(self._shard_units[i], self._resumed[i].digests, strict=True):
+                    u.digest = digest
+                continue
             w = GGUFWriter(self._partials[i], C.ARCH)
             w.add_custom_alignment(C.ALIGNMENT)
             w.add_uint32(C.KEY_FORMAT_VERSION, C.FORMAT_VERSION)
@@ -289,8 +337,69 @@ class ShardSetWriter:
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            self._writers.append(w)
+            self._writers[i] = w
         return list(self._finals)
+
+    def _leftovers(self) -> list[Path]:
+        """Shard files (final or ``.partial``) of this stem already in the output folder."""
+        out = []
+        for p in sorted(self.out_dir.glob(f"{self.stem}-*-of-*.gguf*")):
+            name = p.name[:-len(C.PARTIAL_SUFFIX)] if p.name.endswith(C.PARTIAL_SUFFIX) else p.name
+            m = C.SHARD_NAME_RE.match(name)
+            if m is not None and m.group("stem") == self.stem and p.is_file():
+                out.append(p)
+        return out
+
+    def _unit_bytes(self, shard: int) -> list[int]:
+        return [sum(padded(t.nbytes) for t in u.tensors) for u in self._shard_units[shard]]
+
+    def _start_resumable(self, count: int, per_shard: Sequence[Sequence[tuple[TensorDecl, _Unit]]]) -> None:
+        """Fingerprint this conversion, derive the model id and pick the verified shards of an earlier run."""
+        assert self.resume_key is not None
+        layout = [[i, t.name, list(t.shape), t.ggml_type.name] for i, items in enumerate(per_shard) for t, _ in items]
+        fingerprint = conversion_fingerprint(self.resume_key, layout, self.metadata, self.stem, self.max_shard_size)
+        self.model_id = model_id_for(fingerprint)
+        previous = ResumeState.load(self.out_dir)
+        state_file = ResumeState.path_in(self.out_dir)
+        self._resume_state = ResumeState(self.out_dir, fingerprint, self.model_id, self.stem, count)
+        if previous is None:
+            if state_file.exists():
+                log.warning(f"{state_file}: unreadable record of an interrupted conversion; starting clean")
+            return
+        done = len(previous.complete)
+        if not self.resume:
+            log.warning(f"{self.out_dir}: not resuming the interrupted conversion found here (resume disabled, "
+                        f"--no-resume); starting clean ({done} completed shard(s) deleted)")
+            return
+        if previous.fingerprint != fingerprint or previous.stem != self.stem:
+            log.warning(f"{self.out_dir}: the interrupted conversion found here was made from a different input or "
+                        f"with different options; starting clean ({done} completed shard(s) deleted, never mixed)")
+            return
+        for i, record in sorted(previous.complete.items()):
+            if not 0 < i < count:  # shard 1 is always rewritten (it carries every digest)
+                continue
+            why = verify_shard(self._finals[i], record, self._unit_bytes(i))
+            if why is None:
+                self._resumed[i] = record
+            else:
+                log.warning(f"{self._finals[i].name}: {why}; converting it again")
+        self._resume_state.complete = dict(self._resumed)
+        self._resumed_names = {t.name for i in self._resumed for u in self._shard_units[i] for t in u.tensors}
+        log.info(f"{self.out_dir}: resuming an interrupted conversion: {len(self._resumed)} of {count} shards "
+                 "already complete and verified, skipped")
+
+    def resumed(self, name: str) -> bool:
+        """True when tensor ``name`` lies in a shard kept from an interrupted run: do not :meth:`write` it."""
+        return name in self._resumed_names
+
+    @property
+    def resumed_shards(self) -> list[int]:
+        """1-based numbers of the shards kept from an interrupted run (after :meth:`begin`)."""
+        return [i + 1 for i in sorted(self._resumed)]
+
+    def resumed_bytes(self) -> int:
+        """Tensor-data bytes (padding included) of the kept shards."""
+        return sum(sum(self._unit_bytes(i)) for i in self._resumed)
 
     def _add_metadata(self, w: GGUFWriter) -> None:
         for key, value in self.metadata.items():
@@ -346,9 +455,30 @@ class ShardSetWriter:
             unit.digest = self._hash.hexdigest()
             self._hash = None
         self._cursor += 1
+        if self._cursor == len(self._order) or self._order[self._cursor][2] != shard:
+            self._complete_shard(shard)
+
+    def _complete_shard(self, shard: int) -> None:
+        """Every tensor of ``shard`` is written: close it; shards 2..N are fsynced, renamed and recorded now."""
+        w = self._writers[shard]
+        if shard == 0:  # digests are patched in by finish(), which renames it last
+            w.close()
+            return
+        w.flush()
+        assert w.fout is not None
+        os.fsync(w.fout[0].fileno())
+        w.close()
+        os.replace(self._partials[shard], self._finals[shard])
+        fsync_dir(self.out_dir)
+        self._renamed.append(self._finals[shard])
+        if self._resume_state is not None:
+            digests = [u.digest or "" for u in self._shard_units[shard]]
+            record = record_shard(self._finals[shard], self._unit_bytes(shard), digests)
+            self._resume_state.complete[shard] = record
+            self._resume_state.save()
 
     def finish(self) -> list[Path]:
-        """Close the shards, fill in the digests, rename ``.partial`` files into place.
+        """Close the shards, fill in the digests, rename shard 1 into place (the others already are).
 
         Returns:
             Final shard paths, shard 1 first.
@@ -361,15 +491,15 @@ class ShardSetWriter:
         if self._cursor != len(self._order):
             missing = [d.name for d in self.pending()[:3]]
             raise ValueError(f"{len(self._order) - self._cursor} declared tensors not written (first: {missing})")
-        for w in self._writers:
+        for w in self._writers.values():
             w.close()
         self._patch_digests()
-        for p in self._partials:
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        for partial, final in reversed(list(zip(self._partials, self._finals))):  # shard 1 last
-            os.replace(partial, final)
-        _fsync_dir(self.out_dir)
+        with open(self._partials[0], "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self._partials[0], self._finals[0])  # shards 2..N are in place already: the model is complete
+        fsync_dir(self.out_dir)
+        if self._resume_state is not None:
+            ResumeState.remove(self.out_dir)
         self.state = WriterState.DONE
         return list(self._finals)
 
@@ -392,13 +522,21 @@ class ShardSetWriter:
             os.close(fd)
 
     def abort(self) -> None:
-        """Close and delete every ``.partial`` file of this writer (safe to call twice)."""
-        for w in self._writers:
+        """Close and delete every ``.partial`` file of this writer (safe to call twice).
+
+        A resumable writer keeps the shards it completed (and their record) for the
+        next run; a writer without a ``resume_key`` also deletes them: nothing is left.
+        """
+        if self.state is WriterState.DONE:
+            return
+        for w in self._writers.values():
             w.close()
         for p in self._partials:
             p.unlink(missing_ok=True)
-        if self.state is not WriterState.DONE:
-            self.state = WriterState.ABORTED
+        if self._resume_state is None:
+            for p in self._renamed:
+                p.unlink(missing_ok=True)
+        self.state = WriterState.ABORTED
 
     def __enter__(self) -> "ShardSetWriter":
         return self
@@ -407,16 +545,3 @@ class ShardSetWriter:
         if exc_type is not None and self.state is not WriterState.DONE:
             self.abort()
 
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames durable (best effort: not every platform can open a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

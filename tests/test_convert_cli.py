@@ -3,7 +3,8 @@
 Proves: every tensor of the checkpoint comes back bit-exact in f32 and equal
 to the cast in f16/bf16 (1-D tensors and routers stay f32); the tokenizer and
 chat template travel in metadata; splitting by size works and loads; a
-failed or killed conversion never leaves a loadable model and a re-run works;
+failed or killed conversion never leaves a loadable model and a re-run works
+(resuming is tested in tests/test_convert_resume.py);
 missing config -> ModelFormatError naming config.json; the argparse verbs
 return 0 on success and 2 with ``error: ...`` naming the file on bad input.
 """
@@ -116,7 +117,7 @@ def test_missing_config(hf_dirs, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_failed_conversion_leaves_nothing_and_rerun_works(hf_dirs, tmp_path: Path, monkeypatch) -> None:
+def test_failed_conversion_leaves_nothing_loadable_and_rerun_resumes(hf_dirs, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out"
     real_write = ShardSetWriter.write
     calls = {"n": 0}
@@ -130,9 +131,13 @@ def test_failed_conversion_leaves_nothing_and_rerun_works(hf_dirs, tmp_path: Pat
     monkeypatch.setattr(ShardSetWriter, "write", failing_write)
     with pytest.raises(OSError, match="simulated"):
         convert_checkpoint(hf_dirs["mixtral"], out, max_shard_size=50_000, progress=False)
-    assert list(out.iterdir()) == []
+    # no .partial file; the shards completed before the failure stay (with their record) for a resumed run
+    assert not list(out.glob("*" + C.PARTIAL_SUFFIX)) and (out / C.CONVERT_STATE_FILE).is_file()
+    with pytest.raises(ModelFormatError, match="conversion incomplete.*re-run convert"):
+        ShardedModel.open(out)
     monkeypatch.setattr(ShardSetWriter, "write", real_write)
     convert_checkpoint(hf_dirs["mixtral"], out, max_shard_size=50_000, progress=False)
+    assert not (out / C.CONVERT_STATE_FILE).exists()
     ShardedModel.open(out)
 
 
