@@ -177,7 +177,7 @@ def _check_hf_budget(folder: Path, memory_bytes: int | None, ctx: int | None) ->
 
 
 def _load_shards_streaming(path: Path, memory: str | int | None, ctx: int | None, precision_policy: str,
-                           cache_policy: str, *,
+                           cache_policy: str, device: torch.device, *,
                            progress: bool = False) -> tuple[torch.nn.Module, Tokenizer, dict]:
     """Plan the budget, then load a shard model whose experts stream through the arena.
 
@@ -195,7 +195,7 @@ def _load_shards_streaming(path: Path, memory: str | int | None, ctx: int | None
     try:
         loaded = load_streaming_model(path, memory=memory, ctx=ctx if ctx is None else max(int(ctx), 2),
                                       precision_policy=precision_policy, cache_policy=cache_policy,
-                                      progress=progress)
+                                      device=device, progress=progress)
     except ValueError as exc:  # unknown policy names
         raise MoestreamError(str(exc)) from exc
     args = loaded.args
@@ -321,7 +321,7 @@ class Engine:
                 model, tokenizer, info = load_compressed_resident(src.path)
             else:
                 model, tokenizer, info = _load_shards_streaming(src.path, memory, ctx, precision_policy, cache_policy,
-                                                                progress=progress)
+                                                                target, progress=progress)
                 memory_bytes = info["memory_plan"]["budget_bytes"]
         limit = int(info.get("max_position_embeddings") or DEFAULT_CTX)
         ctx = min(DEFAULT_CTX, limit) if ctx is None else int(ctx)

@@ -194,9 +194,22 @@ def _register_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:
-    from moestream.engine import server
-
+    """``serve``; without its web stack (fastapi, uvicorn) the verb stays listed and says what to install."""
+    try:
+        from moestream.engine import server
+    except ModuleNotFoundError as exc:
+        missing = exc.name or "fastapi"
+        p = sub.add_parser("serve", help=f"OpenAI-compatible HTTP server (needs {missing}: not installed)",
+                           description=f"moestream serve needs {missing}, which is not installed.")
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=lambda args: _missing_server_dependency(missing))
+        return
     server.register(sub)
+
+
+def _missing_server_dependency(name: str) -> int:
+    raise MoestreamError(f"moestream serve needs the '{name}' package: pip install fastapi uvicorn "
+                         "(or reinstall moestream with its dependencies)")
 
 
 # ------------------------------------------------------------------------------------------- parser

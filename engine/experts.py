@@ -177,6 +177,13 @@ class ResidentExperts:
             down[layer] = torch.stack([experts[e]["down_proj"] for e in ids]).contiguous()  # [E, H, I]
         return cls(gate_up, down)
 
+    def to(self, device: torch.device | str) -> "ResidentExperts":
+        """Move every stacked expert tensor to ``device`` (views are rebuilt over the moved stacks)."""
+        moved = type(self)({l: t.to(device) for l, t in self._gate_up.items()},
+                           {l: t.to(device) for l, t in self._down.items()})
+        self._gate_up, self._down, self._views = moved._gate_up, moved._down, moved._views
+        return self
+
     @property
     def layers(self) -> list[int]:
         """MoE layer indices this provider holds."""

@@ -38,6 +38,7 @@ class GGUFExpertProvider:
         """
         self._gguf = gguf
         self._dtype = dtype
+        self._device = torch.device("cpu")
         self._live: dict[tuple[int, int], ExpertView] = {}
         self._decoded = 0
         self._bytes = 0
@@ -52,11 +53,16 @@ class GGUFExpertProvider:
             w = self._gguf.read_expert(layer, int(e))
             self._decoded += 1
             self._bytes += sum(self._gguf.expert_range(layer, int(e), p).nbytes for p in w)
-            view = ExpertView(gate=w["gate_proj"].to(self._dtype), up=w["up_proj"].to(self._dtype),
-                              down=w["down_proj"].to(self._dtype))
+            gate, up, down = (w[p].to(self._device, self._dtype) for p in ("gate_proj", "up_proj", "down_proj"))
+            view = ExpertView(gate=gate, up=up, down=down)
             self._live[(layer, int(e))] = view
             out[int(e)] = view
         return out
+
+    def to(self, device: torch.device | str) -> "GGUFExpertProvider":
+        """Decode experts onto ``device`` from now on."""
+        self._device = torch.device(device)
+        return self
 
     def release(self, layer: int, expert_ids: Sequence[int]) -> None:
         """Drop the decoded views."""

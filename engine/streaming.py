@@ -50,6 +50,7 @@ from moestream.scheduler.budget import MemoryPlan, format_bytes
 from moestream.scheduler.loader import ExpertLoader
 from moestream.scheduler.pipeline import CacheCapacityError, StreamingExpertCache
 from moestream.scheduler.policies import POLICIES, make_policy
+from moestream.scheduler.transfer import DeviceStaging
 
 log = logging.getLogger("moestream")
 
@@ -113,6 +114,11 @@ class StreamingExperts:
         n_moe_layers: MoE layers (for the consistency window).
         top_k: experts per token per layer.
         n_workers: I/O threads.
+        device: where the arena and the expert compute live. ``cpu``: reads land in the arena directly.
+            ``cuda``/``mps``: the arena is one device tensor; reads land in ``n_workers`` pinned host
+            staging buffers (one slot each), are verified there and copied on a separate CUDA stream.
+        staged: force (True) or forbid (False) the staging path; None = staged exactly when
+            ``device`` is not the CPU. ``staged=True`` on the CPU runs the GPU path's logic without a GPU.
 
     Raises:
         ValueError: unknown policy names.
@@ -123,7 +129,8 @@ class StreamingExperts:
 
     def __init__(self, reader: ShardedModel, plan: MemoryPlan, *, cache_policy: str = "lru",
                  precision_policy: str = "exact", n_moe_layers: int = 1, top_k: int = 1,
-                 n_workers: int = DEFAULT_IO_WORKERS) -> None:
+                 n_workers: int = DEFAULT_IO_WORKERS, device: torch.device | str = "cpu",
+                 staged: bool | None = None) -> None:
         if cache_policy not in POLICIES:
             raise ValueError(f"unknown cache policy {cache_policy!r}; choose one of {sorted(POLICIES)}")
         self.reader = reader
@@ -132,16 +139,24 @@ class StreamingExperts:
         self.n_experts_total = len(reader.expert_keys())
         slot = plan.slot_bytes(0)
         n_slots = min((plan.arena_bytes - plan.alignment) // slot, self.n_experts_total)
-        self.arena = ExpertArena([plan.expert_level_bytes[0]], [n_slots], alignment=plan.alignment)
+        self.device = torch.device(device)
+        on_host = self.device.type == "cpu" if staged is None else not staged
+        if on_host and self.device.type != "cpu":
+            raise ValueError(f"an arena on {self.device} needs staged=True (reads cannot land in device memory)")
+        self.arena = ExpertArena([plan.expert_level_bytes[0]], [n_slots], alignment=plan.alignment,
+                                 device=None if on_host else self.device)
+        self.staging = None if on_host else DeviceStaging(self.device, n_workers, slot, plan.alignment)
         self.loader = ExpertLoader(n_workers=n_workers, block_size=plan.alignment)
         kwargs = {"window": CONSISTENCY_WINDOW_TOKENS * n_moe_layers * top_k} if cache_policy == "consistency" else {}
         self.cache = StreamingExpertCache(self, self._decode, self.arena, self.loader,
                                           policy=make_policy(cache_policy, **kwargs),
-                                          precision_policy=precision_policy, verify=self._verify)
+                                          precision_policy=precision_policy, verify=self._verify,
+                                          staging=self.staging)
         self.max_experts_per_acquire = n_slots if self.layout.in_place else min(n_slots, top_k)
         n_scratch = 0 if self.layout.in_place else self.max_experts_per_acquire
         h, i = self.layout.hidden, self.layout.inter
-        self._scratch = [(torch.empty(2 * i, h), torch.empty(h, i)) for _ in range(n_scratch)]
+        self._scratch = [(torch.empty(2 * i, h, device=self.device), torch.empty(h, i, device=self.device))
+                         for _ in range(n_scratch)]
         self._scratch_next = 0
         self._lock = threading.Lock()
         self._hints = 0
@@ -154,6 +169,17 @@ class StreamingExperts:
         """Byte range of one stored plane (``ExpertSource`` protocol)."""
         return self.reader.expert_plane_range(layer, expert, level)
 
+    def to(self, device: torch.device | str) -> "StreamingExperts":
+        """Keep serving on ``device``; the arena is placed at construction (``load_streaming_model(device=...)``).
+
+        Raises:
+            RuntimeError: ``device`` differs from the one the arena was built on.
+        """
+        if torch.device(device) != self.device:
+            raise RuntimeError(f"the expert arena was allocated on {self.device}; load the model with "
+                               f"device={torch.device(device)} instead of moving it")
+        return self
+
     def _verify(self, key: tuple[int, int, int], buf: np.ndarray) -> None:
         layer, expert, level = key
         self.reader.verify_expert_bytes(layer, expert, level, buf)
@@ -164,8 +190,8 @@ class StreamingExperts:
         gate, up, down = t["gate_proj"], t["up_proj"], t["down_proj"]
         i, h = gate.shape
         if self.layout.in_place:
-            gate_up = torch.empty(0, dtype=torch.float32).set_(gate.untyped_storage(), gate.storage_offset(),
-                                                               (2 * i, h), (h, 1))  # [2I, H] over the slot
+            gate_up = torch.empty(0, dtype=torch.float32, device=gate.device).set_(
+                gate.untyped_storage(), gate.storage_offset(), (2 * i, h), (h, 1))  # [2I, H] over the slot
             return ExpertView(gate=gate_up[:i], up=gate_up[i:], down=down, level=level, gate_up=gate_up)
         gate_up, down32 = self._scratch[self._scratch_next]
         self._scratch_next += 1
@@ -320,6 +346,7 @@ class StreamingLoad:
 def load_streaming_model(path: str | Path, *, memory: str | int | None = None, ctx: int | None = None,
                          precision_policy: str = "exact", cache_policy: str = "lru",
                          n_workers: int = DEFAULT_IO_WORKERS, verify: str = "once",
+                         device: torch.device | str = "cpu", staged: bool | None = None,
                          progress: bool = False) -> StreamingLoad:
     """Plan, then load a shard model whose experts stream through the arena.
 
@@ -332,6 +359,8 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
         n_workers: I/O threads.
         verify: checksum policy (``once`` | ``always`` | ``off``).
         progress: show a progress bar on stderr while the dense weights load.
+        device: where the expert arena is allocated (the caller moves the dense model there too).
+        staged: see :class:`StreamingExperts` (None: staged exactly when ``device`` is not the CPU).
 
     Returns:
         A :class:`StreamingLoad`; ``model.expert_provider`` is a :class:`StreamingExperts`.
@@ -358,7 +387,8 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
         model, args = _build(reader)
         load_dense(model, reader, progress=progress)
         provider = StreamingExperts(reader, plan, cache_policy=cache_policy, precision_policy=precision_policy,
-                                    n_moe_layers=len(model.moe_layers()), top_k=int(args.top_k), n_workers=n_workers)
+                                    n_moe_layers=len(model.moe_layers()), top_k=int(args.top_k), n_workers=n_workers,
+                                    device=device, staged=staged)
     except BaseException:
         reader.close()
         raise

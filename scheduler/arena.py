@@ -4,7 +4,11 @@ Owns slot bookkeeping: which key ``(layer, expert, level)`` a slot holds, its
 state (EMPTY -> LOADING -> READY -> EMPTY), pin counts, and free lists. Slots
 are grouped in one pool per stored level (each level has its own slot size).
 All memory is allocated in the constructor; nothing here allocates buffers at
-run time. Knows nothing about files, policies or what the bytes mean.
+run time. The buffer is host memory (a numpy array, page-aligned so O_DIRECT
+can read straight into it) or, with ``device=``, one torch uint8 tensor on an
+accelerator (CUDA/MPS): then views are torch tensors on that device and the
+loader reaches it through pinned staging (``scheduler/transfer.py``). Knows
+nothing about files, policies or what the bytes mean.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,12 +62,14 @@ class ExpertArena:
         slot_bytes: bytes of one slot for each level (rounded up to ``alignment``).
         slot_counts: number of slots for each level.
         alignment: base and slot alignment in bytes (4096 allows O_DIRECT).
+        device: None (host numpy buffer) or a torch device for an accelerator-resident arena.
 
     Raises:
         ValueError: mismatched lengths, non-positive sizes, or no slots at all.
     """
 
-    def __init__(self, slot_bytes: Sequence[int], slot_counts: Sequence[int], alignment: int = 4096) -> None:
+    def __init__(self, slot_bytes: Sequence[int], slot_counts: Sequence[int], alignment: int = 4096,
+                 device: Any = None) -> None:
         if len(slot_bytes) != len(slot_counts) or not slot_bytes:
             raise ValueError("slot_bytes and slot_counts need one entry per level")
         if min(slot_bytes) <= 0 or min(slot_counts) < 0 or sum(slot_counts) == 0:
@@ -71,9 +78,16 @@ class ExpertArena:
         self.slot_bytes = [align_up(int(b), alignment) for b in slot_bytes]
         self.slot_counts = [int(c) for c in slot_counts]
         self.nbytes = sum(b * c for b, c in zip(self.slot_bytes, self.slot_counts))
-        self._raw = np.zeros(self.nbytes + alignment, dtype=np.uint8)  # the only allocation
-        start = (-self._raw.ctypes.data) % alignment
-        self.buffer = self._raw[start:start + self.nbytes]
+        self.device = device
+        self.buffer: Any
+        if device is None:
+            self._raw = np.zeros(self.nbytes + alignment, dtype=np.uint8)  # the only allocation
+            start = (-self._raw.ctypes.data) % alignment
+            self.buffer = self._raw[start:start + self.nbytes]
+        else:
+            import torch  # only accelerator arenas need torch
+
+            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)  # the only allocation
         self.slots: list[Slot] = []
         self._free: list[list[int]] = [[] for _ in self.slot_bytes]
         offset = 0
@@ -92,9 +106,14 @@ class ExpertArena:
         return sum(align_up(b, alignment) * c for b, c in zip(slot_bytes, slot_counts)) + alignment
 
     @property
+    def on_host(self) -> bool:
+        """True when the buffer is host memory the loader can read into directly."""
+        return self.device is None
+
+    @property
     def address(self) -> int:
         """Address of the aligned buffer (constant for the arena's life)."""
-        return int(self.buffer.ctypes.data)
+        return int(self.buffer.ctypes.data) if self.on_host else int(self.buffer.data_ptr())
 
     def lookup(self, key: Key) -> Slot | None:
         """The slot holding ``key`` (LOADING or READY), or None."""
@@ -109,13 +128,13 @@ class ExpertArena:
         """EMPTY slots left in ``level``'s pool."""
         return len(self._free[level])
 
-    def view(self, slot: Slot, nbytes: int | None = None) -> np.ndarray:
-        """uint8 view of a slot (no copy). ``nbytes`` defaults to the bytes loaded."""
+    def view(self, slot: Slot, nbytes: int | None = None) -> Any:
+        """uint8 view of a slot (no copy; a numpy array, or a device tensor). ``nbytes`` defaults to the bytes loaded."""
         n = slot.nbytes if nbytes is None else nbytes
         return self.buffer[slot.offset:slot.offset + n]
 
-    def full_view(self, slot: Slot) -> np.ndarray:
-        """uint8 view of the slot's whole capacity (the loader writes into this)."""
+    def full_view(self, slot: Slot) -> Any:
+        """uint8 view of the slot's whole capacity (the loader, or the staging copy, writes into this)."""
         return self.buffer[slot.offset:slot.offset + slot.capacity]
 
     def begin_load(self, key: Key, nbytes: int) -> Slot:

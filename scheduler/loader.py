@@ -132,6 +132,21 @@ class ExpertLoader:
             future.add_done_callback(callback)
         return future
 
+    def submit_job(self, job: Callable[[], Any], callback: Callable[[Future], None] | None = None) -> Future:
+        """Run ``job()`` on a worker thread (a read plus the caller's follow-up, e.g. verify and upload).
+
+        Args:
+            job: called without arguments on a worker; it typically calls :meth:`read_into`.
+            callback: called with the finished future (on the worker thread).
+
+        Returns:
+            A Future with the job's result or exception.
+        """
+        future = self._pool.submit(job)
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
     def read_into(self, rng: Any, dest: np.ndarray) -> int:
         """Read ``rng`` into ``dest[:nbytes]`` now, retrying transient failures.
 

@@ -15,7 +15,11 @@ contiguous byte range each); with ``nested_levels=False`` every level is
 self-contained. Knows nothing about tensors or models: the caller supplies
 ``source.range_of(layer, expert, level) -> (path, offset, nbytes)`` and
 ``decode(layer, expert, level, buffers) -> view`` where ``buffers`` are uint8
-arrays aliasing arena slots, valid until ``release``.
+arrays aliasing arena slots (numpy for a host arena, device tensors for an
+accelerator arena), valid until ``release``. Reads and checksum verification
+run on the loader's worker threads, outside the cache lock; with an
+accelerator arena they land in pinned staging buffers first and are copied to
+the slot on a separate stream (``transfer.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -33,6 +37,9 @@ from .arena import ExpertArena, Key, Slot, SlotState
 from .hebf import hebf_order
 from .loader import ExpertLoader, as_byte_range
 from .policies import CachePolicy, LRUPolicy
+
+if TYPE_CHECKING:  # the host-only path never imports torch
+    from .transfer import DeviceStaging
 
 PRECISION_POLICIES = ("exact", "adaptive")
 Decode = Callable[[int, int, int, list[np.ndarray]], Any]
@@ -77,18 +84,23 @@ class StreamingExpertCache:
         late_after_s: adaptive mode's patience before falling back.
         verify: optional check of a loaded slice; an exception fails the load.
         wait_timeout_s: give up waiting for a load after this long (None: wait).
+        staging: required when the arena lives on an accelerator: reads land in its host buffers, are
+            verified there and copied to the slot (``scheduler/transfer.py``).
 
     Raises:
-        ValueError: unknown precision policy.
+        ValueError: unknown precision policy, or a device arena without staging.
     """
 
     def __init__(self, source: ExpertSource, decode: Decode, arena: ExpertArena, loader: ExpertLoader,
                  policy: CachePolicy | None = None, precision_policy: str = "exact",
                  nested_levels: bool = True, per_layer_slots: int | None = None,
                  late_after_s: float = 0.0, verify: Verify | None = None,
-                 wait_timeout_s: float | None = None) -> None:
+                 wait_timeout_s: float | None = None, staging: DeviceStaging | None = None) -> None:
         if precision_policy not in PRECISION_POLICIES:
             raise ValueError(f"precision_policy must be one of {PRECISION_POLICIES}, got {precision_policy!r}")
+        if not arena.on_host and staging is None:
+            raise ValueError(f"the arena lives on {arena.device}: reads need staging buffers (DeviceStaging) to land in")
+        self.staging = staging
         self.source, self.decode, self.arena, self.loader = source, decode, arena, loader
         self.policy = policy or LRUPolicy()
         self.precision_policy = precision_policy
@@ -222,7 +234,8 @@ class StreamingExpertCache:
         return {"precision_policy": self.precision_policy, "policy": self.policy.name,
                 "layers": layers, "totals": totals, "loader": self.loader.stats.as_dict(),
                 "arena": {"nbytes": self.arena.nbytes, "slots_per_level": self.arena.slot_counts,
-                          "slot_bytes": self.arena.slot_bytes}}
+                          "slot_bytes": self.arena.slot_bytes, "device": str(self.arena.device or "cpu")},
+                "transfer": self.staging.stats() if self.staging is not None else None}
 
     # ------------------------------------------------------------------ internals (hold self._cond)
 
@@ -341,8 +354,9 @@ class StreamingExpertCache:
         self._held[(key[0], key[2])] += 1
         self.policy.on_insert(key)
         self._errors.pop(key, None)
-        future = self.loader.submit(rng, self.arena.full_view(slot),
-                                    callback=lambda f, k=key, i=slot.index: self._on_loaded(k, i, f))
+        dest = self.arena.view(slot, rng.nbytes) if self.staging is not None else self.arena.full_view(slot)
+        future = self.loader.submit_job(lambda: self._load(key, rng, dest),
+                                        callback=lambda f, k=key, i=slot.index: self._on_loaded(k, i, f))
         if not future.done():  # a finished future already ran its callback
             self._inflight.add(future)
         return True
@@ -367,16 +381,24 @@ class StreamingExpertCache:
             self._prefetched.discard(key)
             self._stats[key[0]]["prefetch_wasted"] += 1
 
+    def _load(self, key: Key, rng: Any, dest: Any) -> None:
+        """Worker thread: read the slice, verify it, and (device arena) copy it from staging to its slot."""
+        if self.staging is None:
+            self.loader.read_into(rng, dest)
+            if self.verify is not None:
+                self.verify(key, dest[:rng.nbytes])
+            return
+        with self.staging.buffer() as host:
+            self.loader.read_into(rng, host)
+            if self.verify is not None:
+                self.verify(key, host[:rng.nbytes])
+            self.staging.upload(host[:rng.nbytes], dest)
+
     def _on_loaded(self, key: Key, index: int, future: Future) -> None:
         with self._cond:
             self._inflight.discard(future)
             slot = self.arena.slots[index]
             error = future.exception()
-            if error is None and self.verify is not None:
-                try:
-                    self.verify(key, self.arena.view(slot))
-                except Exception as exc:  # noqa: BLE001 - any verify failure fails the load
-                    error = exc
             if error is None:
                 self.arena.finish_load(slot)
             else:

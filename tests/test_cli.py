@@ -134,3 +134,16 @@ def test_chat_ctrl_c_stops_answer_not_session(model_dir: Path) -> None:
     text = b"".join(out).decode("utf-8", "replace")
     stats = json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
     assert stats["last_answer"]["finish_reason"] == "cancelled" and stats["history_messages"] == 2
+
+
+def test_cli_without_the_server_stack_runs_and_serve_says_what_to_install():
+    """A machine without fastapi (e.g. a GPU image) still runs every other verb; ``serve`` names what is missing."""
+    code = ("import sys; sys.modules['fastapi'] = None; from moestream.engine.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = subprocess_env()
+    helped = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert helped.returncode == 0 and "serve" in helped.stdout
+    served = subprocess.run([sys.executable, "-c", code, "serve", "default"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert served.returncode == 2
+    assert "pip install fastapi uvicorn" in served.stderr and "Traceback" not in served.stderr

@@ -182,3 +182,41 @@ def test_read_failure_surfaces_as_error(model_file):
         with pytest.raises(ExpertReadError):
             cache.acquire(0, [1], levels=0)
         assert all(s.pins == 0 for s in cache.arena.slots)
+
+
+def test_staged_device_arena_path_returns_the_same_bytes(model_file):
+    """An arena held as a torch tensor is filled through staging buffers (verify sees the staged bytes).
+
+    ``DeviceStaging("cpu")`` runs the exact code path CUDA uses (read into a staging buffer, verify there,
+    copy into the slot) with a plain copy; tests/test_gpu.py runs it on a real GPU.
+    """
+    torch = pytest.importorskip("torch")
+    from moestream.scheduler.transfer import DeviceStaging
+
+    path, data = model_file
+    verified = []
+
+    def verify(key, buf):
+        assert isinstance(buf, np.ndarray)  # host staging bytes, never the device slot
+        assert bytes(buf) == expected_bytes(data, *key)
+        verified.append(key)
+
+    arena = ExpertArena(LEVEL_BYTES, [2, 2], device=torch.device("cpu"))
+    assert not arena.on_host and isinstance(arena.buffer, torch.Tensor)
+    staging = DeviceStaging("cpu", n_buffers=2, buffer_bytes=max(arena.slot_bytes))
+    with pytest.raises(ValueError, match="staging"):
+        StreamingExpertCache(FileSource(path), decode, arena, ExpertLoader(n_workers=1))
+    loader = ExpertLoader(n_workers=2, retry_delay_s=0)
+    cache = StreamingExpertCache(FileSource(path), lambda l, e, lv, bufs: [b.clone() for b in bufs], arena, loader,
+                                 verify=verify, staging=staging)
+    with loader:
+        for layer, experts in [(0, [0, 1]), (1, [2, 3]), (0, [1, 3])]:  # evictions reuse slots
+            views = cache.acquire(layer, experts, levels=1)
+            for e, bufs in views.items():
+                assert [bytes(b.numpy()) for b in bufs] == [expected_bytes(data, layer, e, 0),
+                                                           expected_bytes(data, layer, e, 1)]
+            cache.release(layer, experts)
+        st = cache.stats()
+    assert st["transfer"]["copies"] == len(verified) == st["loader"]["reads"]
+    assert st["transfer"]["bytes_copied"] == st["loader"]["bytes_read"]
+    assert st["arena"]["device"] == "cpu" and st["transfer"]["pinned"] is False

@@ -93,6 +93,24 @@ def test_logits_bit_exact_under_any_budget(models, dtype):
                 provider.close()
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_staged_arena_path_bit_exact_on_cpu(models, dtype):
+    """The GPU path's logic (arena as a torch tensor, reads through staging buffers, copy into slots) on the CPU."""
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(2))
+    ref = run_logits(reference(models, dtype), ids, prefill=16)
+    low, _, _ = budgets(models[dtype])
+    loaded = load_streaming_model(models[dtype], memory=low, ctx=CTX, staged=True)
+    provider = loaded.model.expert_provider
+    try:
+        assert isinstance(provider.arena.buffer, torch.Tensor) and provider.staging is not None
+        assert torch.equal(run_logits(loaded.model, ids, prefill=16), ref)
+        st = provider.stats()
+        assert st["transfer"]["copies"] == st["loader"]["reads"] > 0
+        assert st["transfer"]["bytes_copied"] == st["loader"]["bytes_read"]
+    finally:
+        provider.close()
+
+
 def test_minimum_budget_arena_is_one_token_of_experts(models):
     low, _, full = budgets(models["f32"])
     loaded = load_streaming_model(models["f32"], memory=low, ctx=CTX)

@@ -377,7 +377,7 @@ class MoEBlock(nn.Module):
         flat_w = weights.reshape(-1)  # [N*k]
         order = torch.argsort(flat_ids, stable=True)  # group slots by expert
         counts = torch.bincount(flat_ids, minlength=self.num_experts)  # [E]
-        wsum = torch.zeros(self.num_experts, dtype=flat_w.dtype).index_add_(0, flat_ids, flat_w)  # [E]
+        wsum = torch.zeros(self.num_experts, dtype=flat_w.dtype, device=flat_w.device).index_add_(0, flat_ids, flat_w)  # [E]
         chosen = torch.nonzero(counts).flatten()
         id_list = chosen.tolist()
         count_list = counts[chosen].tolist()
