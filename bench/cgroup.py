@@ -3,12 +3,14 @@
 Owns :func:`cgroup_unavailable_reason` (why a limit cannot be enforced here, or
 None), :class:`MemoryCgroup` (create a ``/sys/fs/cgroup/memory/<name>`` group,
 set ``memory.limit_in_bytes`` (and ``memsw`` when present), read
-``max_usage_in_bytes``, ``failcnt`` and the OOM-kill count, tear down: wait
+``max_usage_in_bytes``, ``failcnt``, the OOM-kill count and ``memory.stat``, tear down: wait
 for its tasks to leave, ``force_empty`` so its page cache is not re-charged to
 the parent — the cgroup v1 trap of bench-protocol.md — then ``rmdir``),
 :func:`drop_page_cache` and :func:`run_limited`, which runs a command in a fresh
 group and returns a :class:`LimitedRun` whatever happens (exit, OOM kill,
-timeout). Where cgroups cannot be used (not root, no v1 memory controller,
+timeout), optionally sampling ``memory.stat`` while it runs (peak anonymous
+memory, page cache, mapped files, dirty and writeback pages: what the peak
+usage consists of). Where cgroups cannot be used (not root, no v1 memory controller,
 macOS) the command still runs and the record says ``cgroup: "unavailable"``
 with the reason; peak RSS then comes from the child's own rusage only.
 
@@ -25,11 +27,13 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 CGROUP_V1_ROOT = Path("/sys/fs/cgroup/memory")
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 PREFIX = "moestream_bench_"
+#: ``memory.stat`` fields whose peaks :func:`run_limited` records when sampling.
+STAT_FIELDS = ("rss", "cache", "mapped_file", "dirty", "writeback")
 
 
 def cgroup_unavailable_reason(root: Path = CGROUP_V1_ROOT) -> str | None:
@@ -121,6 +125,15 @@ class MemoryCgroup:
                 "failcnt": int(self._read("memory.failcnt")),
                 "oom_kill": oom.get("oom_kill", 0), "under_oom": oom.get("under_oom", 0)}
 
+    def memory_stat(self) -> dict[str, int]:
+        """``memory.stat`` (this group's own counters, bytes) as a dict."""
+        out = {}
+        for line in self._read("memory.stat").splitlines():
+            name, _, value = line.partition(" ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+        return out
+
     def tasks(self) -> list[int]:
         """Pids still in the group."""
         return [int(x) for x in self._read("cgroup.procs").split()]
@@ -181,6 +194,7 @@ class LimitedRun:
     cgroup_oom_kills: int | None = None
     page_cache_dropped: bool | None = None
     notes: list[str] = field(default_factory=list)
+    cgroup_stat_peaks: dict[str, int] | None = None  # peak of each STAT_FIELDS entry (bytes), when sampled
 
     def as_dict(self, keep_output: bool = False) -> dict:
         """JSON-ready; stdout/stderr only as their last 2000 characters unless ``keep_output``."""
@@ -191,13 +205,19 @@ class LimitedRun:
         return d
 
 
-def _wait(pid: int, timeout_s: float) -> tuple[int | None, object | None, bool]:
-    """``os.wait4`` with a deadline: ``(wait status, rusage, timed_out)``; kills the group on timeout."""
+def _wait(pid: int, timeout_s: float,
+          tick: Callable[[], None] | None = None) -> tuple[int | None, object | None, bool]:
+    """``os.wait4`` with a deadline: ``(wait status, rusage, timed_out)``; kills the group on timeout.
+
+    ``tick`` is called about every 20 ms while the child runs (sampling).
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         got, status, ru = os.wait4(pid, os.WNOHANG)
         if got == pid:
             return status, ru, False
+        if tick is not None:
+            tick()
         if time.monotonic() > deadline:
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -209,7 +229,8 @@ def _wait(pid: int, timeout_s: float) -> tuple[int | None, object | None, bool]:
 
 
 def run_limited(argv: Sequence[str], limit_bytes: int | None, *, env: Mapping[str, str] | None = None,
-                timeout_s: float = 1800.0, drop_caches: bool = True, cwd: str | None = None) -> LimitedRun:
+                timeout_s: float = 1800.0, drop_caches: bool = True, cwd: str | None = None,
+                sample_stats: bool = False) -> LimitedRun:
     """Run ``argv`` in a fresh memory cgroup limited to ``limit_bytes`` and report how it went.
 
     Args:
@@ -219,6 +240,7 @@ def run_limited(argv: Sequence[str], limit_bytes: int | None, *, env: Mapping[st
         timeout_s: kill the child (its whole process group) after this long.
         drop_caches: drop the page cache first (a cold run).
         cwd: working directory.
+        sample_stats: record the peaks of :data:`STAT_FIELDS` of ``memory.stat`` while the child runs.
 
     Returns:
         A :class:`LimitedRun` (never raises for the child's own failures).
@@ -244,11 +266,22 @@ def run_limited(argv: Sequence[str], limit_bytes: int | None, *, env: Mapping[st
                 with open(cg_procs, "w") as f:
                     f.write(str(os.getpid()))
 
+        peaks: dict[str, int] = {}
+
+        def sample() -> None:
+            assert group is not None
+            try:
+                stat = group.memory_stat()
+            except OSError:
+                return
+            for name in STAT_FIELDS:
+                peaks[name] = max(peaks.get(name, 0), stat.get(name, 0))
+
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(argv), stdout=out_f, stderr=err_f, stdin=subprocess.DEVNULL,
                                 env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
                                 preexec_fn=enter_group)
-        status, ru, timed_out = _wait(proc.pid, timeout_s)
+        status, ru, timed_out = _wait(proc.pid, timeout_s, sample if sample_stats and group else None)
         wall = time.perf_counter() - t0
         rc = os.waitstatus_to_exitcode(status) if status is not None else None
         proc.returncode = rc  # already reaped by wait4
@@ -277,4 +310,5 @@ def run_limited(argv: Sequence[str], limit_bytes: int | None, *, env: Mapping[st
                       limit_bytes=cg.get("limit_bytes") if cg else None,
                       cgroup_max_usage_bytes=cg.get("max_usage_bytes") if cg else None,
                       cgroup_failcnt=cg.get("failcnt") if cg else None, cgroup_oom_kills=oom_kills,
-                      page_cache_dropped=dropped, notes=notes)
+                      page_cache_dropped=dropped, notes=notes,
+                      cgroup_stat_peaks=dict(peaks) if sample_stats and group else None)

@@ -287,7 +287,7 @@ def compress_checkpoint(hf_dir: str | Path, out_dir: str | Path, opts: CompressO
         ValueError / BudgetError / MoestreamError: bad options, budget too small, missing calibration.
     """
     opts.validate()
-    ckpt = HFCheckpoint.open(hf_dir)
+    ckpt = HFCheckpoint.open(hf_dir, drop_cache=True)  # memory: one tensor, page cache included
     try:
         if calibration is None and windows is not None and (opts.needs_calibration or opts.codec in CODEC_IDS):
             if model_loader is None:

@@ -496,7 +496,7 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "f1
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if max_shard_size < 0:
         raise ValueError("max_shard_size must be >= 0 (0 = a single shard)")
-    ckpt = HFCheckpoint.open(hf_dir)
+    ckpt = HFCheckpoint.open(hf_dir, drop_cache=True)  # memory: one tensor, page cache included
     try:
         plan = plan_conversion(ckpt, dtype)
         out = Path(out_dir)

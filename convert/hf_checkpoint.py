@@ -21,13 +21,23 @@ Typical use (what ``convert/shards.py`` and ``engine/hf_loading.py`` do)::
         tensor = ckpt.read_canonical(canonical)     # stored dtype, canonical shape
         key = parse_expert_name(canonical)           # ExpertKey or None
 
+With ``drop_cache=True`` (what the converters use) tensors are read with
+``pread`` instead of through safetensors' memory map, and the file's pages are
+dropped from the page cache every :data:`DROP_CACHE_EVERY` bytes read
+(``POSIX_FADV_DONTNEED`` on the whole file: a range would leave the large
+folios and readahead at its edges): reading a checkpoint then costs one tensor
+of memory plus a bounded cache whatever its size, also as the kernel counts it
+(a cgroup's usage includes the page cache and mapped files).
+
 Knows nothing about model math, the engine, or the shard format.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -42,6 +52,14 @@ INDEX_FILE = "model.safetensors.index.json"
 #: Files besides the weights whose content a conversion carries (hashed whole by :meth:`HFCheckpoint.fingerprint`).
 SIDE_FILES = (CONFIG_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+#: Bytes read from one file between two drops of its pages from the page cache (``drop_cache``).
+DROP_CACHE_EVERY = 64 << 20
+#: safetensors dtype -> torch dtype, for the ``pread`` path (others fall back to safetensors).
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 #: Canonical routed-expert tensor name.
 EXPERT_NAME = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
@@ -116,23 +134,30 @@ class HFCheckpoint:
         model_type: ``config["model_type"]``.
     """
 
-    def __init__(self, path: Path, config: dict[str, Any], weight_map: dict[str, str]) -> None:
+    def __init__(self, path: Path, config: dict[str, Any], weight_map: dict[str, str],
+                 drop_cache: bool = False) -> None:
         """Use :meth:`open`."""
         self.path = path
         self.config = config
         self.model_type: str = config["model_type"]
+        self.drop_cache = drop_cache
         self._weight_map = weight_map  # hf tensor name -> file name
         self._handles: dict[str, Any] = {}
         self._sources: dict[str, _Source] | None = None
+        self._fds: dict[str, int] = {}
+        self._undropped: dict[str, int] = {}  # file -> bytes read since its pages were last dropped
+        self._entries: dict[str, tuple[int, dict[str, Any]]] = {}  # file -> (data start, header)
 
     # --- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path) -> "HFCheckpoint":
+    def open(cls, path: str | Path, drop_cache: bool = False) -> "HFCheckpoint":
         """Open an HF model folder.
 
         Args:
             path: folder with ``config.json`` and ``model.safetensors`` or
                 ``model.safetensors.index.json`` + shards.
+            drop_cache: read tensors with ``pread`` and drop what was read from the
+                page cache (module docstring); default: safetensors' memory map.
 
         Returns:
             The opened checkpoint (files are opened lazily on first read, all
@@ -148,7 +173,7 @@ class HFCheckpoint:
             raise ModelFormatError(f"{folder}: not a folder; pass a Hugging Face model folder with config.json")
         config = _read_config(folder / CONFIG_FILE)
         weight_map = _read_weight_map(folder)
-        ckpt = cls(folder, config, weight_map)
+        ckpt = cls(folder, config, weight_map, drop_cache)
         for file in sorted(set(weight_map.values())):
             ckpt._handle(file)  # validate every header now: fail early, naming the file
         return ckpt
@@ -170,8 +195,76 @@ class HFCheckpoint:
         return h
 
     def close(self) -> None:
-        """Drop open file handles (reads reopen them)."""
+        """Drop open file handles (reads reopen them); with ``drop_cache``, also the files' cached pages."""
         self._handles.clear()
+        for fd in self._fds.values():
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        self._fds.clear()
+        self._undropped.clear()
+
+    # --- uncached reads (drop_cache) ----------------------------------------------------------------
+    def _header(self, file: str) -> tuple[int, dict[str, Any]]:
+        """``(data start, header dict)`` of a safetensors file, parsed once."""
+        got = self._entries.get(file)
+        if got is None:
+            full = self.path / file
+            with open(full, "rb") as f:
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                raw = f.read(n) if 0 <= n <= _MAX_HEADER else b""
+            try:
+                header = json.loads(raw)
+                if not isinstance(header, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ModelFormatError(f"{full}: not a readable safetensors header ({exc}); "
+                                       "it may be truncated, re-download it") from exc
+            got = self._entries[file] = (8 + n, header)
+        return got
+
+    def _pread(self, hf_name: str, index: int | None = None) -> torch.Tensor | None:
+        """Read a tensor (or its sub-tensor ``index`` along dim 0) with ``pread``, then drop its pages.
+
+        Returns:
+            The tensor, or None when this path cannot read it (unknown dtype, big-endian host):
+            the caller falls back to safetensors.
+
+        Raises:
+            ModelFormatError: the file is shorter than its header says.
+        """
+        file = self._weight_map[hf_name]
+        base, header = self._header(file)
+        info = header.get(hf_name)
+        dtype = _ST_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        if dtype is None or sys.byteorder != "little" or not hasattr(os, "posix_fadvise"):
+            return None
+        shape = [int(d) for d in info["shape"]]
+        start, end = (int(x) for x in info["data_offsets"])
+        if index is not None:
+            row = (end - start) // max(shape[0], 1)
+            start, end, shape = start + index * row, start + (index + 1) * row, shape[1:]
+        out = torch.empty(shape, dtype=dtype)
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        full = self.path / file
+        if buf.nbytes != end - start:
+            raise ModelFormatError(f"{full}: tensor {hf_name} spans {end - start} bytes, its shape needs "
+                                   f"{buf.nbytes}; the file is corrupt, re-download it")
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(full, os.O_RDONLY)
+        done = 0
+        while done < buf.nbytes:
+            n = os.preadv(fd, [buf[done:]], base + start + done)
+            if n <= 0:
+                raise ModelFormatError(f"{full}: truncated (tensor {hf_name} ends past the end of the file); "
+                                       "re-download it")
+            done += n
+        self._undropped[file] = self._undropped.get(file, 0) + done
+        if self._undropped[file] >= DROP_CACHE_EVERY:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            self._undropped[file] = 0
+        return out
 
     # --- HF names ----------------------------------------------------------------------------------
     def tensor_names(self) -> list[str]:
@@ -185,6 +278,10 @@ class HFCheckpoint:
             KeyError: unknown name.
             ModelFormatError: the file cannot be read (names the file).
         """
+        if self.drop_cache:
+            t = self._pread(hf_name)
+            if t is not None:
+                return t
         file = self._weight_map[hf_name]
         handle = self._handle(file)
         try:
@@ -277,9 +374,11 @@ class HFCheckpoint:
         src = self._source_map()[name]
         if src.expert is None:
             return self.read(src.hf_name)
-        handle = self._handle(self._weight_map[src.hf_name])
-        sl = handle.get_slice(src.hf_name)
-        t = sl[src.expert]  # [2I, H] for gate_up, [H, I] for down (transformers layout)
+        t = self._pread(src.hf_name, src.expert) if self.drop_cache else None
+        if t is None:
+            handle = self._handle(self._weight_map[src.hf_name])
+            t = handle.get_slice(src.hf_name)[src.expert]
+        # t: [2I, H] for gate_up, [H, I] for down (transformers layout)
         hidden = self.config.get("hidden_size")
         if src.part == "down":
             return t if hidden is None or t.shape[0] == hidden else t.t().contiguous()

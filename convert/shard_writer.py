@@ -39,6 +39,10 @@ Owns the on-disk layout decisions of format v1:
   (which holds every digest) only after all others, once its digests are in
   place. A folder without shard 1 never loads (the reader says "conversion
   incomplete, re-run convert").
+- **Page cache.** Written data is handed to writeback and dropped from the
+  page cache every :data:`DROP_CACHE_EVERY` bytes (``POSIX_FADV_DONTNEED``)
+  and when a shard is complete, so writing a model holds a bounded amount of
+  dirty and cached pages whatever its size (a cgroup counts them).
 - **Resume.** Given a ``resume_key`` (the caller's fingerprint of its input
   and options), the writer keeps ``.convert-state.json`` beside the shards
   (``resume.py``): each completed shard is recorded after its rename, and a
@@ -74,6 +78,8 @@ from moestream.convert.resume import (
 
 log = logging.getLogger("moestream")
 MetaValue = str | int | float | bool
+#: Bytes written between two hand-offs of the written pages to writeback + page-cache drops.
+DROP_CACHE_EVERY = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,7 @@ class ShardSetWriter:
         self._resumed: dict[int, ShardRecord] = {}  # shard index -> verified record of an earlier run
         self._resumed_names: set[str] = set()
         self._renamed: list[Path] = []
+        self._undropped = 0  # bytes written since the last page-cache drop
         self._resume_state: ResumeState | None = None
         self._cursor = 0
         self._hash: "hashlib._Hash | None" = None
@@ -451,6 +458,9 @@ class ShardSetWriter:
         pad = padded(decl.nbytes) - decl.nbytes
         if pad:
             self._hash.update(self._zeros[:pad])
+        self._undropped += decl.nbytes + pad
+        if self._undropped >= DROP_CACHE_EVERY:
+            self._drop_cache(self._writers[shard])
         if unit.tensors[-1] is decl:
             unit.digest = self._hash.hexdigest()
             self._hash = None
@@ -467,6 +477,7 @@ class ShardSetWriter:
         w.flush()
         assert w.fout is not None
         os.fsync(w.fout[0].fileno())
+        self._drop_cache(w)
         w.close()
         os.replace(self._partials[shard], self._finals[shard])
         fsync_dir(self.out_dir)
@@ -476,6 +487,13 @@ class ShardSetWriter:
             record = record_shard(self._finals[shard], self._unit_bytes(shard), digests)
             self._resume_state.complete[shard] = record
             self._resume_state.save()
+
+    def _drop_cache(self, w: GGUFWriter) -> None:
+        """Start writeback of ``w``'s dirty pages and drop its clean ones (written earlier) from the page cache."""
+        w.flush()
+        assert w.fout is not None
+        _fadvise_dontneed(w.fout[0].fileno())
+        self._undropped = 0
 
     def finish(self) -> list[Path]:
         """Close the shards, fill in the digests, rename shard 1 into place (the others already are).
@@ -496,6 +514,7 @@ class ShardSetWriter:
         self._patch_digests()
         with open(self._partials[0], "rb") as f:
             os.fsync(f.fileno())
+            _fadvise_dontneed(f.fileno())
         os.replace(self._partials[0], self._finals[0])  # shards 2..N are in place already: the model is complete
         fsync_dir(self.out_dir)
         if self._resume_state is not None:
@@ -545,3 +564,11 @@ class ShardSetWriter:
         if exc_type is not None and self.state is not WriterState.DONE:
             self.abort()
 
+
+def _fadvise_dontneed(fd: int) -> None:
+    """``POSIX_FADV_DONTNEED`` on the whole file: Linux starts writeback of dirty pages, drops clean ones."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass

@@ -210,3 +210,30 @@ def test_dispatcher_has_the_verbs() -> None:
     args = parser.parse_args(["convert", "a", "b", "--dtype", "f32", "--max-shard-size", "1GB"])
     assert args.func.__name__ == "cmd_convert" and args.max_shard_size == 10**9
     assert parser.parse_args(["info", "m"]).func.__name__ == "cmd_info"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_uncached_reads_equal_safetensors(tmp_path: Path, dtype: torch.dtype) -> None:
+    """``drop_cache=True`` (pread + page-cache drops, what convert uses) reads what safetensors reads, fused too."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    E, H, I = 4, 64, 32
+    tensors = {"model.embed_tokens.weight": torch.randn(16, H, generator=g).to(dtype),
+               "model.norm.weight": torch.ones(H, dtype=dtype),
+               "model.layers.0.mlp.experts.gate_up_proj": torch.randn(E, 2 * I, H, generator=g).to(dtype),
+               "model.layers.0.mlp.experts.down_proj": torch.randn(E, H, I, generator=g).to(dtype),
+               "model.layers.0.mlp.gate.weight": torch.randn(E, H, generator=g).to(dtype)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": H,
+                                                      "num_hidden_layers": 1}))
+    plain, uncached = HFCheckpoint.open(tmp_path), HFCheckpoint.open(tmp_path, drop_cache=True)
+    try:
+        assert uncached.is_fused() and len(plain.canonical_names()) == 3 + 3 * E
+        for name in plain.canonical_names():
+            a, b = plain.read_canonical(name), uncached.read_canonical(name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert uncached._fds  # the pread path was taken
+    finally:
+        uncached.close()
+    assert uncached.fingerprint() == plain.fingerprint()
