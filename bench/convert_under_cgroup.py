@@ -190,8 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "convert_large.json", help="results JSON")
     ap.add_argument("--md", type=Path, default=RESULTS / "convert_large.md", help="results Markdown")
     ap.add_argument("--note", action="append", default=[], help="a note for the Markdown (repeatable)")
+    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
+                    help="only rewrite --md from an existing results JSON (e.g. after editing its notes)")
     args = ap.parse_args(argv)
     args.limit = [_parse_size(x) if isinstance(x, str) else x for x in args.limit]
+    if args.render is not None:
+        args.md.write_text(markdown(json.loads(args.render.read_text())))
+        return 0
     if not (args.hf / "config.json").is_file():
         ap.error(f"{args.hf}: no config.json; generate the model first (python bench/synthetic.py --help)")
     from moestream.bench.harness import machine_info
@@ -205,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     doc["machine"]["loadavg_after"] = list(os.getloadavg())
     doc["total_s"] = time.perf_counter() - t0
     doc["notes"] = args.note
-    doc["command"] = "python -m moestream.bench.convert_under_cgroup " + " ".join(argv if argv is not None
-                                                                                else sys.argv[1:])
+    doc["command"] = (f"python -m moestream.bench.convert_under_cgroup --hf {args.hf} --limit "
+                      + " ".join(str(x) for x in args.limit) + " --codec " + " ".join(args.codec)
+                      + f" --max-shard-size {args.max_shard_size}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     args.md.write_text(markdown(doc))
