@@ -30,7 +30,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
@@ -431,6 +431,39 @@ class ShardedModel:
         for unit in planes:
             r = unit.range
             self._verify_unit(unit, mv[r.offset - base:r.offset - base + r.nbytes])
+
+    def verify_expert_plane(self, layer: int, expert: int, plane: int, buf: Any) -> None:
+        """Check the digest of ONE plane against ``buf`` (the bytes of :meth:`expert_plane_range`).
+
+        Raises:
+            ChecksumError: the bytes do not match (names file, layer, expert, plane).
+        """
+        unit = self._level_planes(layer, expert, plane)[-1]
+        mv = memoryview(buf).cast("B") if not isinstance(buf, torch.Tensor) else memoryview(buf.numpy()).cast("B")
+        self._verify_unit(unit, mv[:unit.range.nbytes])
+
+    def decode_expert_planes(self, layer: int, expert: int, buffers: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Decode an expert at level ``len(buffers) - 1`` from its planes held in separate buffers.
+
+        Args:
+            layer, expert: which expert.
+            buffers: plane ``j``'s bytes (:meth:`expert_plane_range`) for j = 0..level, each writable
+                (numpy arrays or uint8 tensors; views are made without copying). Not verified here.
+
+        Returns:
+            ``{proj: tensor}`` exactly as :meth:`decode_expert_bytes` returns for that level.
+
+        Raises:
+            ValueError: more buffers than stored planes, or a buffer shorter than its plane.
+        """
+        units = self._level_planes(layer, expert, len(buffers) - 1)
+        planes = []
+        for unit, buf in zip(units, buffers):
+            raw = _as_uint8_tensor(buf)
+            if raw.numel() < unit.range.nbytes:
+                raise ValueError(f"plane buffer holds {raw.numel()} bytes, the plane is {unit.range.nbytes}")
+            planes.append({t.name: tensor_from_buffer(raw, t, t.offset - unit.range.offset) for t in unit.tensors})
+        return EXPERT_DECODERS[self.codec](planes)
 
     def decode_expert_bytes(self, layer: int, expert: int, level: int, buf: Any,
                             verify: bool = True) -> dict[str, torch.Tensor]:

@@ -177,11 +177,11 @@ def _check_hf_budget(folder: Path, memory_bytes: int | None, ctx: int | None) ->
 
 
 def _load_shards_streaming(path: Path, memory: str | int | None, ctx: int | None, precision_policy: str,
-                           cache_policy: str, device: torch.device, *,
-                           progress: bool = False) -> tuple[torch.nn.Module, Tokenizer, dict]:
+                           cache_policy: str, device: torch.device, *, progress: bool = False,
+                           level: int | None = None) -> tuple[torch.nn.Module, Tokenizer, dict]:
     """Plan the budget, then load a shard model whose experts stream through the arena.
 
-    ``progress`` shows a bar on stderr while the dense weights load.
+    ``progress`` shows a bar on stderr while the dense weights load; ``level`` caps nested levels.
 
     Raises:
         BudgetError: the budget is below the minimum (names it), before any weight is read.
@@ -191,18 +191,19 @@ def _load_shards_streaming(path: Path, memory: str | int | None, ctx: int | None
     from moestream.engine.streaming import load_streaming_model
 
     with ShardedModel.open(path, verify="off") as reader:
-        tokenizer = Tokenizer.from_shards(reader)
+        tokenizer, codec = Tokenizer.from_shards(reader), reader.codec
     try:
         loaded = load_streaming_model(path, memory=memory, ctx=ctx if ctx is None else max(int(ctx), 2),
                                       precision_policy=precision_policy, cache_policy=cache_policy,
-                                      device=device, progress=progress)
-    except ValueError as exc:  # unknown policy names
+                                      device=device, progress=progress, level=level)
+    except ValueError as exc:  # unknown policy names, a negative level
         raise MoestreamError(str(exc)) from exc
     args = loaded.args
     return loaded.model, tokenizer, {"model_type": args.model_type,
                                      "max_position_embeddings": args.max_position_embeddings,
                                      "memory_plan": loaded.plan.as_dict(), "precision_policy": precision_policy,
-                                     "cache_policy": cache_policy}
+                                     "cache_policy": cache_policy, "expert_codec": codec,
+                                     "expert_level": "max" if level is None else level}
 
 
 def _move_to(model: torch.nn.Module, device: torch.device, requested: str) -> torch.device:
@@ -273,7 +274,7 @@ class Engine:
     @classmethod
     def load(cls, path_or_name: str | Path = "default", memory: str | int | None = None, device: str = "auto",
              ctx: int | None = None, precision_policy: str = "exact", cache_policy: str = "lru",
-             progress: bool = False) -> "Engine":
+             progress: bool = False, level: int | None = None) -> "Engine":
         """Load a model.
 
         Args:
@@ -287,6 +288,8 @@ class Engine:
             cache_policy: expert cache eviction, ``lru`` | ``lfu`` | ``consistency``; shard models only.
             progress: show a tqdm bar on stderr while weights load (HF folders and streamed shard
                 models; off by default here, on in the CLI when stderr is a terminal).
+            level: nested-codec shard models: the highest level to use (0 = the lowest precision;
+                None = each expert's highest stored level). Planes above it are never read.
 
         A moestream shard model is planned BEFORE anything is read (``engine/planning.py``;
         default budget: a safe fraction of available RAM) and its experts always stream
@@ -315,14 +318,9 @@ class Engine:
 
             model, tokenizer, info = load_llamacpp_gguf_with_tokenizer(src.path)
         else:
-            from moestream.engine.compressed_models import is_compressed_shards, load_compressed_resident
-
-            if is_compressed_shards(src.path):  # nested/GGML expert codecs: resident decode (no streaming yet)
-                model, tokenizer, info = load_compressed_resident(src.path)
-            else:
-                model, tokenizer, info = _load_shards_streaming(src.path, memory, ctx, precision_policy, cache_policy,
-                                                                target, progress=progress)
-                memory_bytes = info["memory_plan"]["budget_bytes"]
+            model, tokenizer, info = _load_shards_streaming(src.path, memory, ctx, precision_policy, cache_policy,
+                                                            target, progress=progress, level=level)
+            memory_bytes = info["memory_plan"]["budget_bytes"]
         limit = int(info.get("max_position_embeddings") or DEFAULT_CTX)
         ctx = min(DEFAULT_CTX, limit) if ctx is None else int(ctx)
         if ctx < 2:

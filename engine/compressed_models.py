@@ -94,33 +94,3 @@ def load_eval_model(path: str | Path, level: int | None = None) -> tuple[MoECaus
         return model, reader.tokenizer_json
     finally:
         reader.close()
-
-
-def is_compressed_shards(path: str | Path) -> bool:
-    """True for a shard model whose experts use a codec other than ``none`` (nested or GGML)."""
-    if not is_shard_model(path):
-        return False
-    from moestream.convert import constants as C
-    from moestream.convert.shards import ShardedModel
-
-    with ShardedModel.open(path, verify="off") as reader:
-        return reader.codec != C.CODEC_NONE
-
-
-def load_compressed_resident(path: str | Path, level: int | None = None):
-    """``(model, Tokenizer, info)`` for :meth:`moestream.engine.api.Engine.load`: experts decoded to fp32,
-    resident, each at ``min(level, its highest stored level)`` (the streaming provider serves codec ``none``).
-
-    Raises:
-        ModelFormatError: bad shards or shards without a tokenizer.
-    """
-    from moestream.convert.shards import ShardedModel
-    from moestream.engine.tokenizer import Tokenizer
-
-    with ShardedModel.open(path, verify="off") as reader:
-        tokenizer, codec = Tokenizer.from_shards(reader), reader.codec
-    model, _ = load_eval_model(path, level)
-    args = model.args
-    return model, tokenizer, {"model_type": args.model_type, "max_position_embeddings": args.max_position_embeddings,
-                              "expert_codec": codec, "expert_level": "max" if level is None else level,
-                              "provider": "resident"}

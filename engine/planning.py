@@ -32,7 +32,7 @@ import torch
 from moestream.convert.errors import BudgetError
 from moestream.scheduler.budget import (BudgetTooSmallError, MemoryPlan, MemorySpecError, align_up, default_budget,
                                         format_bytes, parse_memory)
-from moestream.scheduler.planner import DEFAULT_ALIGNMENT, min_arena_bytes, plan_memory
+from moestream.scheduler.planner import DEFAULT_ALIGNMENT, plan_memory
 
 #: Memory the process holds whatever the model (interpreter, torch, numpy, tokenizer, allocator slack).
 #: Measured: ``import moestream.engine.api`` is ~150 MiB unique set size on CPU; a tiny model's
@@ -61,6 +61,10 @@ class ModelFootprint:
         n_moe_layers: MoE layers.
         n_experts: routed experts per MoE layer.
         ctx: context length planned for.
+        expert_plane_bytes: stored bytes of plane j (what level j adds), largest expert; empty = one
+            plane per level, derived from ``expert_level_bytes``.
+        experts_per_plane: routed experts (all layers) that store plane j; empty = every expert stores
+            every plane. Bit allocation stores fewer planes for less important experts.
     """
 
     resident_bytes: int
@@ -75,6 +79,21 @@ class ModelFootprint:
     n_moe_layers: int
     n_experts: int
     ctx: int
+    expert_plane_bytes: tuple[int, ...] = ()
+    experts_per_plane: tuple[int, ...] = ()
+
+    @property
+    def plane_bytes(self) -> tuple[int, ...]:
+        """Stored bytes of each plane (largest expert)."""
+        if self.expert_plane_bytes:
+            return self.expert_plane_bytes
+        lv = self.expert_level_bytes
+        return tuple(b - (lv[j - 1] if j else 0) for j, b in enumerate(lv))
+
+    @property
+    def plane_counts(self) -> tuple[int, ...]:
+        """Experts storing each plane."""
+        return self.experts_per_plane or tuple(self.n_experts * self.n_moe_layers for _ in self.plane_bytes)
 
     @property
     def workspace_bytes(self) -> int:
@@ -84,7 +103,7 @@ class ModelFootprint:
     @property
     def total_expert_bytes(self) -> int:
         """Stored bytes of every routed expert at its highest level."""
-        return self.expert_level_bytes[-1] * self.n_experts * self.n_moe_layers
+        return sum(b * c for b, c in zip(self.plane_bytes, self.plane_counts))
 
     @property
     def expert_bytes_per_token(self) -> int:
@@ -95,6 +114,7 @@ class ModelFootprint:
         """JSON-ready view (with the derived sizes)."""
         d = asdict(self)
         d["expert_level_bytes"] = list(self.expert_level_bytes)
+        d["expert_plane_bytes"], d["experts_per_plane"] = list(self.plane_bytes), list(self.plane_counts)
         d.update(workspace_bytes=self.workspace_bytes, total_expert_bytes=self.total_expert_bytes,
                  expert_bytes_per_token=self.expert_bytes_per_token)
         return d
@@ -171,7 +191,9 @@ def activation_bytes(model: Any, ctx: int) -> int:
 
 
 def model_footprint(model_type: str, config: dict, expert_level_bytes: list[int] | tuple[int, ...], ctx: int,
-                    largest_dense_stored_bytes: int = 0, scratch_experts: int = 0) -> ModelFootprint:
+                    largest_dense_stored_bytes: int = 0, scratch_experts: int = 0,
+                    expert_plane_bytes: tuple[int, ...] = (), experts_per_plane: tuple[int, ...] = ()
+                    ) -> ModelFootprint:
     """Everything :func:`plan_for` needs, from a config alone.
 
     Args:
@@ -198,16 +220,37 @@ def model_footprint(model_type: str, config: dict, expert_level_bytes: list[int]
         resident_bytes=int(costs.dense_bytes + buffers), kv_bytes=kv, activation_bytes=activation_bytes(model, ctx),
         scratch_bytes=scratch_experts * costs.expert_bytes, runtime_bytes=runtime_reserve(), io_buffer_bytes=io,
         expert_level_bytes=tuple(int(b) for b in expert_level_bytes), expert_compute_bytes=costs.expert_bytes,
-        top_k=costs.top_k, n_moe_layers=costs.moe_layers, n_experts=costs.experts_per_layer, ctx=ctx)
+        top_k=costs.top_k, n_moe_layers=costs.moe_layers, n_experts=costs.experts_per_layer, ctx=ctx,
+        expert_plane_bytes=tuple(expert_plane_bytes), experts_per_plane=tuple(experts_per_plane))
 
 
-def plan_for(fp: ModelFootprint, budget: int, alignment: int = DEFAULT_ALIGNMENT) -> MemoryPlan:
+def min_slots_per_plane(fp: ModelFootprint, precision_policy: str = "exact") -> list[int]:
+    """Slots each plane pool needs at the least: one token's experts (k in each MoE layer).
+
+    ``exact`` needs every stored plane of those experts; ``adaptive`` only plane 0 (the lowest level):
+    higher planes are loaded when there is room and used when they arrived in time.
+    """
+    one_token = fp.top_k * fp.n_moe_layers
+    return [min(c, one_token) if (j == 0 or precision_policy == "exact") else 0
+            for j, c in enumerate(fp.plane_counts)]
+
+
+def min_arena_for(fp: ModelFootprint, precision_policy: str = "exact", alignment: int = DEFAULT_ALIGNMENT) -> int:
+    """The smallest arena that runs: :func:`min_slots_per_plane` slots plus one alignment page."""
+    return sum(n * align_up(b, alignment) for n, b in zip(min_slots_per_plane(fp, precision_policy),
+                                                          fp.plane_bytes)) + alignment
+
+
+def plan_for(fp: ModelFootprint, budget: int, alignment: int = DEFAULT_ALIGNMENT,
+             precision_policy: str = "exact") -> MemoryPlan:
     """Split ``budget`` for a streamed model (experts in the arena).
 
     Args:
         fp: the model's footprint.
         budget: bytes.
         alignment: arena slot alignment.
+        precision_policy: ``exact`` (the minimum holds every plane of one token's experts) or
+            ``adaptive`` (the minimum holds their lowest level).
 
     Returns:
         The plan; ``arena_bytes`` is what is left for the expert arena.
@@ -217,22 +260,23 @@ def plan_for(fp: ModelFootprint, budget: int, alignment: int = DEFAULT_ALIGNMENT
     """
     try:
         return plan_memory(fp.resident_bytes, fp.kv_bytes, fp.workspace_bytes, fp.io_buffer_bytes,
-                           fp.expert_level_bytes, fp.top_k, fp.n_moe_layers, budget, alignment)
+                           fp.expert_level_bytes, fp.top_k, fp.n_moe_layers, budget, alignment,
+                           min_arena=min_arena_for(fp, precision_policy, alignment))
     except BudgetTooSmallError as exc:
         raise BudgetError(f"{exc} (runtime reserve {format_bytes(fp.runtime_bytes)} included in workspace)") \
             from exc
 
 
-def min_streaming_budget(fp: ModelFootprint, alignment: int = DEFAULT_ALIGNMENT) -> int:
+def min_streaming_budget(fp: ModelFootprint, alignment: int = DEFAULT_ALIGNMENT,
+                         precision_policy: str = "exact") -> int:
     """The smallest budget :func:`plan_for` accepts."""
     return (fp.resident_bytes + fp.kv_bytes + fp.workspace_bytes + fp.io_buffer_bytes
-            + min_arena_bytes(fp.expert_level_bytes, fp.top_k, fp.n_moe_layers, alignment))
+            + min_arena_for(fp, precision_policy, alignment))
 
 
 def all_experts_arena_bytes(fp: ModelFootprint, alignment: int = DEFAULT_ALIGNMENT) -> int:
     """Arena bytes that hold every routed expert at its highest level (beyond this, memory is unused)."""
-    slot = sum(align_up(b, alignment) for b in fp.expert_level_bytes)
-    return fp.n_experts * fp.n_moe_layers * slot + alignment
+    return sum(c * align_up(b, alignment) for b, c in zip(fp.plane_bytes, fp.plane_counts)) + alignment
 
 
 def resident_requirement(fp: ModelFootprint) -> int:

@@ -46,9 +46,10 @@ from moestream.engine.experts import ExpertView, ResidentExperts
 from moestream.engine.models.base import MoECausalLM
 from moestream.engine.planning import ModelFootprint, model_footprint, plan_for, resolve_budget
 from moestream.scheduler.arena import ExpertArena
-from moestream.scheduler.budget import MemoryPlan, format_bytes
+from moestream.scheduler.budget import MemoryPlan, align_up, format_bytes
 from moestream.scheduler.loader import ExpertLoader
 from moestream.scheduler.pipeline import CacheCapacityError, StreamingExpertCache
+from moestream.scheduler.planner import split_arena
 from moestream.scheduler.policies import POLICIES, make_policy
 from moestream.scheduler.transfer import DeviceStaging
 
@@ -68,8 +69,9 @@ class ExpertLayout:
 
     hidden: int
     inter: int
-    stored_dtype: torch.dtype
+    stored_dtype: torch.dtype | None  # None for nested / GGML codecs (decoded by the codec)
     in_place: bool  # fp32 and gate directly followed by up: views alias the arena
+    codec: str = C.CODEC_NONE
 
     @property
     def fp32_bytes(self) -> int:
@@ -78,19 +80,24 @@ class ExpertLayout:
 
 
 def expert_layout(reader: ShardedModel) -> ExpertLayout:
-    """Inspect the first stored expert (codec ``none``, one plane).
+    """Inspect the first stored expert.
+
+    Codec ``none`` (one plane of fp32/f16/bf16 projections) is used in place when fp32 and gate is
+    followed by up; nested (``matryoshka*``, ``residual``) and GGML codecs are decoded per use
+    from their plane buffers into fp32 scratch.
 
     Raises:
-        NotImplementedError: a multi-level codec (not produced by the v1 converter).
         ModelFormatError: the shards hold no routed experts.
     """
     keys = reader.expert_keys()
     if not keys:
         raise ModelFormatError(f"{reader.paths[0]}: no routed experts stored; is this an MoE model?")
     layer, expert = keys[0]
-    if reader.n_levels(layer, expert) != 1 or reader.codec != C.CODEC_NONE:
-        raise NotImplementedError(f"streaming {reader.codec!r} experts with {reader.n_levels(layer, expert)} levels "
-                                  "is not implemented yet; only codec 'none' (one level) streams")
+    if reader.codec != C.CODEC_NONE:
+        gate = reader.read_expert(layer, expert, 0)["gate_proj"]
+        inter, hidden = gate.shape
+        return ExpertLayout(hidden=int(hidden), inter=int(inter), stored_dtype=None, in_place=False,
+                            codec=reader.codec)
     recs = {}
     for rec in reader.tensor_records():
         parsed = C.parse_expert_tensor_name(rec.name)
@@ -103,6 +110,38 @@ def expert_layout(reader: ShardedModel) -> ExpertLayout:
     return ExpertLayout(hidden=int(hidden), inter=int(inter), stored_dtype=dtype, in_place=in_place)
 
 
+@dataclass(frozen=True)
+class PlaneSizes:
+    """Per stored plane j: the largest expert's bytes and how many experts store it."""
+
+    nbytes: tuple[int, ...]
+    counts: tuple[int, ...]
+
+    @classmethod
+    def of(cls, reader: ShardedModel) -> "PlaneSizes":
+        """Scan the shard index (headers only)."""
+        sizes: list[int] = []
+        counts: list[int] = []
+        for layer, expert in reader.expert_keys():
+            for j in range(reader.n_levels(layer, expert)):
+                n = reader.expert_plane_range(layer, expert, j).nbytes
+                if j == len(sizes):
+                    sizes.append(0)
+                    counts.append(0)
+                sizes[j] = max(sizes[j], n)
+                counts[j] += 1
+        return cls(tuple(sizes), tuple(counts))
+
+    @property
+    def level_bytes(self) -> tuple[int, ...]:
+        """Cumulative: level j = planes 0..j."""
+        out, total = [], 0
+        for b in self.nbytes:
+            total += b
+            out.append(total)
+        return tuple(out)
+
+
 class StreamingExperts:
     """ExpertProvider streaming experts from shards through a fixed arena.
 
@@ -110,7 +149,9 @@ class StreamingExperts:
         reader: the opened shard set.
         plan: the memory plan (its ``arena_bytes`` sizes the arena).
         cache_policy: ``lru`` | ``lfu`` | ``consistency``.
-        precision_policy: ``exact`` | ``adaptive`` (with one stored level both wait for the exact bytes).
+        precision_policy: ``exact`` (wait for every plane up to the expert's level) | ``adaptive``
+            (use the highest level already resident when the rest is late, or has no room); with one
+            stored level both wait for the exact bytes.
         n_moe_layers: MoE layers (for the consistency window).
         top_k: experts per token per layer.
         n_workers: I/O threads.
@@ -119,6 +160,10 @@ class StreamingExperts:
             staging buffers (one slot each), are verified there and copied on a separate CUDA stream.
         staged: force (True) or forbid (False) the staging path; None = staged exactly when
             ``device`` is not the CPU. ``staged=True`` on the CPU runs the GPU path's logic without a GPU.
+            Nested/GGML codecs decode on the host (numpy), so their arena stays in host memory and
+            the decoded fp32 expert is copied into device scratch.
+        level_cap: highest nested level to use (None: each expert's highest stored level); planes above
+            it are never read.
 
     Raises:
         ValueError: unknown policy names.
@@ -130,22 +175,34 @@ class StreamingExperts:
     def __init__(self, reader: ShardedModel, plan: MemoryPlan, *, cache_policy: str = "lru",
                  precision_policy: str = "exact", n_moe_layers: int = 1, top_k: int = 1,
                  n_workers: int = DEFAULT_IO_WORKERS, device: torch.device | str = "cpu",
-                 staged: bool | None = None) -> None:
+                 staged: bool | None = None, level_cap: int | None = None) -> None:
         if cache_policy not in POLICIES:
             raise ValueError(f"unknown cache policy {cache_policy!r}; choose one of {sorted(POLICIES)}")
+        if level_cap is not None and level_cap < 0:
+            raise ValueError(f"level must be >= 0, got {level_cap}")
         self.reader = reader
         self.plan = plan
         self.layout = expert_layout(reader)
         self.n_experts_total = len(reader.expert_keys())
-        slot = plan.slot_bytes(0)
-        n_slots = min((plan.arena_bytes - plan.alignment) // slot, self.n_experts_total)
+        self.level_cap = level_cap
+        self._top = {(l, e): reader.n_levels(l, e) - 1 for l, e in reader.expert_keys()}
+        planes = PlaneSizes.of(reader)
+        n_planes = len(planes.nbytes) if level_cap is None else min(len(planes.nbytes), level_cap + 1)
+        plane_bytes, plane_counts = planes.nbytes[:n_planes], planes.counts[:n_planes]
+        slot_sizes = [align_up(b, plan.alignment) for b in plane_bytes]
+        one_token = top_k * n_moe_layers
+        min_slots = [min(c, one_token) if j == 0 or precision_policy == "exact" else 0
+                     for j, c in enumerate(plane_counts)]
+        counts = split_arena(plan.arena_bytes - plan.alignment, slot_sizes, plane_counts, min_slots)
         self.device = torch.device(device)
-        on_host = self.device.type == "cpu" if staged is None else not staged
-        if on_host and self.device.type != "cpu":
+        host_codec = self.layout.codec != C.CODEC_NONE  # decoded with numpy: bytes must be in host memory
+        on_host = (self.device.type == "cpu" or host_codec) if staged is None else not staged
+        if on_host and self.device.type != "cpu" and not host_codec:
             raise ValueError(f"an arena on {self.device} needs staged=True (reads cannot land in device memory)")
-        self.arena = ExpertArena([plan.expert_level_bytes[0]], [n_slots], alignment=plan.alignment,
+        self.arena = ExpertArena(list(plane_bytes), counts, alignment=plan.alignment,
                                  device=None if on_host else self.device)
-        self.staging = None if on_host else DeviceStaging(self.device, n_workers, slot, plan.alignment)
+        self.staging = None if on_host else DeviceStaging(self.device, n_workers, max(slot_sizes), plan.alignment)
+        n_slots = counts[0]
         self.loader = ExpertLoader(n_workers=n_workers, block_size=plan.alignment)
         kwargs = {"window": CONSISTENCY_WINDOW_TOKENS * n_moe_layers * top_k} if cache_policy == "consistency" else {}
         self.cache = StreamingExpertCache(self, self._decode, self.arena, self.loader,
@@ -181,12 +238,17 @@ class StreamingExperts:
         return self
 
     def _verify(self, key: tuple[int, int, int], buf: np.ndarray) -> None:
-        layer, expert, level = key
-        self.reader.verify_expert_bytes(layer, expert, level, buf)
+        layer, expert, plane = key
+        self.reader.verify_expert_plane(layer, expert, plane, buf)
+
+    def levels_for(self, layer: int, expert_ids: Sequence[int]) -> dict[int, int]:
+        """The level each expert runs at when everything arrives in time: its highest, capped."""
+        cap = self.level_cap
+        return {e: self._top[(layer, e)] if cap is None else min(cap, self._top[(layer, e)]) for e in expert_ids}
 
     def _decode(self, layer: int, expert: int, level: int, buffers: list[np.ndarray]) -> ExpertView:
-        """Tensors over the slot bytes (in place for fp32 layouts, else widened into scratch)."""
-        t = self.reader.decode_expert_bytes(layer, expert, level, buffers[0], verify=False)
+        """Tensors over the slot bytes (in place for fp32 layouts, else decoded/widened into scratch)."""
+        t = self.reader.decode_expert_planes(layer, expert, buffers)
         gate, up, down = t["gate_proj"], t["up_proj"], t["down_proj"]
         i, h = gate.shape
         if self.layout.in_place:
@@ -204,7 +266,8 @@ class StreamingExperts:
     def hint(self, layer: int, predicted_ids: torch.Tensor, predicted_weights: torch.Tensor) -> None:
         """Prefetch layer ``layer``'s predicted experts (never evicts pinned ones)."""
         self._hints += 1
-        self.cache.hint(layer, predicted_ids, predicted_weights)
+        ids = predicted_ids.reshape(-1).tolist() if isinstance(predicted_ids, torch.Tensor) else list(predicted_ids)
+        self.cache.hint(layer, predicted_ids, predicted_weights, levels=self.levels_for(layer, set(map(int, ids))))
 
     def acquire(self, layer: int, expert_ids: Sequence[int], gate_weights: Sequence[float]) -> dict[int, ExpertView]:
         """Pin and return the views (waits for loads; see ``StreamingExpertCache.acquire``).
@@ -218,15 +281,16 @@ class StreamingExperts:
                                f"{self.max_experts_per_acquire}; the caller must chunk its requests")
         self._acquires += 1
         self._scratch_next = 0
+        levels = self.levels_for(layer, ids)
         try:
-            return self.cache.acquire(layer, ids, gate_weights)
+            return self.cache.acquire(layer, ids, gate_weights, levels=levels)
         except CacheCapacityError:
             # Slots taken by prefetches still in flight: undo the partial pins, let them land, retry once.
             self.cache.release(layer, ids)
             self.cache.wait_idle()
             self._retries += 1
             self._scratch_next = 0
-            return self.cache.acquire(layer, ids, gate_weights)
+            return self.cache.acquire(layer, ids, gate_weights, levels=levels)
 
     def release(self, layer: int, expert_ids: Sequence[int]) -> None:
         """Unpin (the slots stay cached until evicted)."""
@@ -257,13 +321,18 @@ def _largest_dense_bytes(reader: ShardedModel) -> int:
 
 
 def shard_footprint(reader: ShardedModel, ctx: int) -> ModelFootprint:
-    """The footprint of a shard model at context ``ctx`` (reads headers only)."""
+    """The footprint of a shard model at context ``ctx`` (reads headers, plus one expert for nested codecs).
+
+    Decode scratch: none when fp32 experts are used in place; else top-k fp32 experts, plus one being
+    decoded for nested/GGML codecs (the codec's output before it is copied into scratch).
+    """
     layout = expert_layout(reader)
-    levels = [max(reader.expert_nbytes(l, e, 0) for l, e in reader.expert_keys())]
+    planes = PlaneSizes.of(reader)
     top_k = _top_k(reader)
-    return model_footprint(reader.model_type, reader.config, levels, ctx,
-                           largest_dense_stored_bytes=_largest_dense_bytes(reader),
-                           scratch_experts=0 if layout.in_place else top_k)
+    scratch = 0 if layout.in_place else top_k + (0 if layout.codec == C.CODEC_NONE else 1)
+    return model_footprint(reader.model_type, reader.config, planes.level_bytes, ctx,
+                           largest_dense_stored_bytes=_largest_dense_bytes(reader), scratch_experts=scratch,
+                           expert_plane_bytes=planes.nbytes, experts_per_plane=planes.counts)
 
 
 def _top_k(reader: ShardedModel) -> int:
@@ -347,7 +416,7 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
                          precision_policy: str = "exact", cache_policy: str = "lru",
                          n_workers: int = DEFAULT_IO_WORKERS, verify: str = "once",
                          device: torch.device | str = "cpu", staged: bool | None = None,
-                         progress: bool = False) -> StreamingLoad:
+                         progress: bool = False, level: int | None = None) -> StreamingLoad:
     """Plan, then load a shard model whose experts stream through the arena.
 
     Args:
@@ -359,6 +428,7 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
         n_workers: I/O threads.
         verify: checksum policy (``once`` | ``always`` | ``off``).
         progress: show a progress bar on stderr while the dense weights load.
+        level: highest nested level to use (None: each expert's highest stored level).
         device: where the expert arena is allocated (the caller moves the dense model there too).
         staged: see :class:`StreamingExperts` (None: staged exactly when ``device`` is not the CPU).
 
@@ -379,7 +449,7 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
     try:
         ctx = default_ctx(reader.config, ctx)
         fp = shard_footprint(reader, ctx)
-        plan = plan_for(fp, budget)
+        plan = plan_for(fp, budget, precision_policy=precision_policy)
         log.info("memory plan: budget %s = resident %s + KV %s + workspace %s + I/O %s + expert arena %s "
                  "(minimum %s)", format_bytes(budget), format_bytes(plan.resident_bytes), format_bytes(plan.kv_bytes),
                  format_bytes(plan.workspace_bytes), format_bytes(plan.io_buffer_bytes),
@@ -388,7 +458,7 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
         load_dense(model, reader, progress=progress)
         provider = StreamingExperts(reader, plan, cache_policy=cache_policy, precision_policy=precision_policy,
                                     n_moe_layers=len(model.moe_layers()), top_k=int(args.top_k), n_workers=n_workers,
-                                    device=device, staged=staged)
+                                    device=device, staged=staged, level_cap=level)
     except BaseException:
         reader.close()
         raise

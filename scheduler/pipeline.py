@@ -66,7 +66,7 @@ def _ids(x: Any) -> np.ndarray:
 def _layer_stats() -> dict:
     return {"hits": 0, "misses": 0, "fallbacks": 0, "stall_s": 0.0, "prefetch_issued": 0,
             "prefetch_used": 0, "prefetch_wasted": 0, "prefetch_skipped": 0,
-            "predicted": 0, "predicted_correct": 0}
+            "predicted": 0, "predicted_correct": 0, "capped": 0}
 
 
 class StreamingExpertCache:
@@ -285,12 +285,18 @@ class StreamingExpertCache:
         order = hebf_order(missing, {e: {wanted[e]: demand[e]} for e in experts})
         try:
             for e, level in order:
+                if level > wanted[e]:
+                    continue  # capped below this plane by an earlier lack of room (adaptive)
                 key = (layer, e, level)
-                if not self._start_load(key, pin=True, protect=all_keys):
+                if self._start_load(key, pin=True, protect=all_keys):
+                    pinned[e].append(key)
+                elif self.precision_policy == "adaptive" and level > 0:
+                    wanted[e] = level - 1  # no room for this plane now: run at the level below
+                    st["capped"] += 1
+                else:
                     raise CacheCapacityError(
                         f"no arena slot for expert {e} level {level} of layer {layer}: every slot is "
                         "pinned or loading. Give a larger --memory or release experts before acquiring more.")
-                pinned[e].append(key)
         finally:
             for e, keys in pinned.items():
                 self._pins[(layer, e)].append(keys)

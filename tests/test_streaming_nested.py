@@ -1,0 +1,168 @@
+"""Streaming nested-codec experts (matryoshka / residual planes, mixed stored levels) through the arena.
+
+Level j of an expert = planes 0..j, each plane its own arena slot (one pool per plane). Checked:
+
+- ``exact``: logits equal the fully resident decode of the same shards (``load_eval_model``) bit for
+  bit at the minimum, a middle and the full budget, for uniform levels and for bit-allocated models
+  whose experts store different numbers of planes;
+- ``level`` caps: the engine at level j equals the resident model at level j, and never reads a
+  plane above j;
+- ``adaptive``: at its own minimum (room for one token's lowest level only) every expert runs at
+  level 0 — equal to the resident level-0 model — and the minimum is below ``exact``'s; with a slow
+  disk, late experts run at a lower resident level (counted as fallbacks) instead of stalling;
+- the planner splits the arena in proportion to the experts storing each plane.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from runtime_model import build_runtime_model  # noqa: E402
+
+from moestream.convert.calibration import collect_stats  # noqa: E402
+from moestream.convert.compress import CompressOptions, compress_checkpoint  # noqa: E402
+from moestream.convert.shard_reader import ShardedModel  # noqa: E402
+from moestream.engine.api import Engine  # noqa: E402
+from moestream.engine.compressed_models import load_calibration_model, load_eval_model  # noqa: E402
+from moestream.engine.planning import all_experts_arena_bytes, min_streaming_budget  # noqa: E402
+from moestream.engine.streaming import StreamingExperts, load_streaming_model, shard_footprint  # noqa: E402
+from moestream.scheduler.planner import split_arena  # noqa: E402
+
+torch.set_num_threads(1)
+CTX = 64
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nested")
+    hf = build_runtime_model(root / "hf")
+    out = {"hf": hf}
+    for codec in ("matryoshka_floor", "residual"):
+        out[codec], _ = compress_checkpoint(hf, root / codec, CompressOptions(codec=codec, group_size=64),
+                                            progress=False)
+    calib = collect_stats(load_calibration_model(hf),
+                          torch.randint(3, 300, (4, 48), generator=torch.Generator().manual_seed(0)).tolist())
+    out["mixed"], _ = compress_checkpoint(hf, root / "mixed", CompressOptions(codec="matryoshka_floor", group_size=64,
+                                          size_budget="8bpw"), calibration=calib, progress=False)
+    return {k: (v[0].parent if isinstance(v, list) else v) for k, v in out.items()}
+
+
+def run_logits(model, ids: torch.Tensor, prefill: int = 16) -> torch.Tensor:
+    cache = model.make_cache(1, CTX)
+    with torch.no_grad():
+        outs = [model(ids[:, :prefill], cache)]
+        for t in range(prefill, ids.shape[1]):
+            outs.append(model(ids[:, t:t + 1], cache))
+    return torch.cat(outs, dim=1)
+
+
+def footprint(path):
+    with ShardedModel.open(path, verify="off") as r:
+        return shard_footprint(r, CTX), {(l, e): r.n_levels(l, e) for l, e in r.expert_keys()}
+
+
+IDS = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", ["matryoshka_floor", "residual", "mixed"])
+def test_exact_streaming_equals_resident_decode_at_any_budget(models, name):
+    path = models[name]
+    ref = run_logits(load_eval_model(path)[0], IDS)
+    fp, levels = footprint(path)
+    if name == "mixed":
+        assert len(set(levels.values())) > 1  # bit allocation stored different numbers of planes
+    low = min_streaming_budget(fp)
+    full = low + all_experts_arena_bytes(fp)
+    for budget in (low, (low + full) // 2, full):
+        loaded = load_streaming_model(path, memory=budget, ctx=CTX)
+        provider = loaded.model.expert_provider
+        assert isinstance(provider, StreamingExperts)
+        try:
+            got = run_logits(loaded.model, IDS)
+            assert torch.equal(got, ref), (name, budget, (got - ref).abs().max())
+            st = provider.stats()
+            assert st["totals"]["fallbacks"] == 0 and st["totals"]["capped"] == 0
+            assert len(provider.arena.slot_counts) == max(levels.values())  # one pool per plane
+            assert provider.arena.nbytes <= loaded.plan.arena_bytes
+        finally:
+            provider.close()
+
+
+def test_level_cap_equals_resident_level_and_reads_only_its_planes(models):
+    path = models["matryoshka_floor"]
+    fp, levels = footprint(path)
+    for level in (0, 1):
+        ref = run_logits(load_eval_model(path, level)[0], IDS)
+        with Engine.load(path, memory=10 * min_streaming_budget(fp), ctx=CTX, level=level, device="cpu") as engine:
+            got = run_logits(engine.model, IDS)
+            assert torch.equal(got, ref), level
+            provider = engine.model.expert_provider
+            assert len(provider.arena.slot_counts) == level + 1
+            with ShardedModel.open(path, verify="off") as r:
+                capped_bytes = sum(r.expert_plane_range(l, e, j).nbytes
+                                   for l, e in r.expert_keys() for j in range(level + 1))
+            st = engine.stats()["experts"]
+            assert all(key[2] <= level for key in provider.arena.keys())
+            assert 0 < st["loader"]["bytes_read"] <= capped_bytes  # planes above the cap are never read
+            assert engine.stats()["memory_budget_bytes"] > 0
+
+
+def test_adaptive_minimum_runs_level_zero_and_is_below_exact(models):
+    path = models["matryoshka_floor"]
+    fp, _ = footprint(path)
+    low_exact = min_streaming_budget(fp)
+    low_adaptive = min_streaming_budget(fp, precision_policy="adaptive")
+    assert low_adaptive < low_exact
+    loaded = load_streaming_model(path, memory=low_adaptive, ctx=CTX, precision_policy="adaptive")
+    provider = loaded.model.expert_provider
+    try:
+        assert provider.arena.slot_counts[1:] == [0] * (len(provider.arena.slot_counts) - 1)
+        got = run_logits(loaded.model, IDS)
+        assert torch.equal(got, run_logits(load_eval_model(path, 0)[0], IDS))  # every expert at level 0
+        assert provider.stats()["totals"]["capped"] > 0
+    finally:
+        provider.close()
+    with pytest.raises(Exception, match="minimum"):
+        load_streaming_model(path, memory=low_adaptive, ctx=CTX, precision_policy="exact")
+
+
+def test_adaptive_runs_late_experts_at_a_resident_lower_level(models):
+    """A slow disk: an expert whose top plane is late runs at the level already resident (no stall)."""
+    path = models["matryoshka_floor"]
+    fp, _ = footprint(path)
+    full = min_streaming_budget(fp, precision_policy="adaptive") + all_experts_arena_bytes(fp)
+    loaded = load_streaming_model(path, memory=full, ctx=CTX, precision_policy="adaptive")
+    provider = loaded.model.expert_provider
+    real_reader = provider.loader.reader
+
+    def slow_high_planes(fd, buf, offset):  # plane 0 (small) fast, larger planes slow
+        if len(buf) > 8192:
+            time.sleep(0.05)
+        return real_reader(fd, buf, offset)
+
+    provider.loader.reader = slow_high_planes
+    try:
+        got = run_logits(loaded.model, IDS)
+        st = provider.stats()["totals"]
+        assert st["fallbacks"] > 0
+        ref_top = run_logits(load_eval_model(path)[0], IDS)
+        assert not torch.equal(got, ref_top)  # some experts ran below their top level
+    finally:
+        provider.close()
+
+
+def test_split_arena_proportional_to_stored_planes():
+    sizes, counts = [4096, 8192, 16384], [100, 50, 10]
+    got = split_arena(60 * 4096, sizes, counts, [4, 4, 4])
+    assert sum(n * b for n, b in zip(got, sizes)) <= 60 * 4096
+    assert got[0] >= got[1] >= got[2] >= 4 and all(n <= c for n, c in zip(got, counts))
+    assert split_arena(10**9, sizes, counts, [0, 0, 0]) == counts  # everything fits: every stored plane
+    with pytest.raises(ValueError):
+        split_arena(4096, sizes, counts, [4, 4, 4])
