@@ -8,6 +8,8 @@ perplexity, mean KL(ref‖model), top-1 agreement). Arms:
 
 - ``f16``: plain conversion (sanity: KL ≈ 0);
 - ``prune``: 25 % / 50 % x {reap, frequency, ean, cc}, experts f16 (pruning alone);
+- ``prune_adaptive``: 25 % / 50 % x {reap, frequency} with ``--prune-mode adaptive`` (per-layer
+  counts from one global threshold; the same share of all experts is dropped);
 - ``codec``: matryoshka_floor, matryoshka (spec slice), residual at every level, no pruning;
 - ``uniform``: gguf Q8_0 / Q4_0 experts + dense (no favouring) and, at the same file size, the
   nested codecs with bit allocation (``--size-budget`` = that size) and the same dense type;
@@ -18,6 +20,8 @@ Calibration: the embedded calibration sample (one statistics pass, reused by eve
 Held-out: ``--windows`` windows of ``--seq-len`` tokens from each domain file.
 
 Writes bench/results/compression_quality.json and .md; prints one JSON summary line.
+``--only adaptive`` runs just the ``prune_adaptive`` arms (plus ``prune25_reap`` again as a
+reproducibility check against the stored row) and merges them into the existing JSON/Markdown.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODEL = ROOT / "engine" / "default_model"
 CRITERIA = ("reap", "frequency", "ean", "cc")
+ADAPTIVE_CRITERIA = ("reap", "frequency")
 NESTED = ("matryoshka_floor", "matryoshka", "residual")
 
 
@@ -78,6 +83,9 @@ class Sweep:
             row = {"section": section, "arm": name,
                    "level": (lv if levels == "all" else "alloc") if n > 1 else None, "codec": opts.codec,
                    "prune": opts.prune, "criterion": opts.criterion if opts.prune else None,
+                   "prune_mode": opts.prune_mode if opts.prune else None,
+                   "experts_per_layer": [len(v) for _, v in sorted(rec["kept"].items(), key=lambda kv: int(kv[0]))]
+                   or None,
                    "size_budget": opts.size_budget, "dense": opts.dense, "file_bytes": rec["file_bytes"],
                    "tensor_bytes": rec["dense_bytes"] + rec["expert_bytes"], "expert_bytes": rec["expert_bytes"],
                    "expert_weights": self._expert_weights(rec), "convert_s": round(convert_s, 2), **m}
@@ -117,11 +125,24 @@ def run(args: argparse.Namespace) -> dict:
     del reference
     work = Path(tempfile.mkdtemp(prefix="quality_sweep_"))
     sw = Sweep(model_dir, ref, cal, work)
+    if args.only == "adaptive":
+        try:
+            sw.arm("prune", "prune25_reap", CompressOptions(prune=0.25, criterion="reap"))  # reproducibility check
+            adaptive_arms(sw)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        import hashlib
+
+        return {"model": str(model_dir), "model_sha256": hashlib.sha256((model_dir / "model.safetensors").read_bytes())
+                .hexdigest(), "ref_ppl": ref.ppl, "positions": ref.positions, "windows": len(ref.windows),
+                "calibration_tokens": cal.tokens, "threads": args.threads,
+                "total_s": round(time.perf_counter() - t_start, 1), "rows": sw.rows}
     try:
         sw.arm("baseline", "f16", CompressOptions(codec="none", dense="f16"))
         for ratio in (0.25, 0.5):
             for c in CRITERIA:
                 sw.arm("prune", f"prune{int(ratio * 100)}_{c}", CompressOptions(prune=ratio, criterion=c))
+        adaptive_arms(sw)
         for codec in NESTED:
             sw.arm("codec", codec, CompressOptions(codec=codec))
         for q in ("q8_0", "q4_0"):
@@ -149,6 +170,43 @@ def run(args: argparse.Namespace) -> dict:
             "best_criterion_at_25": best}
 
 
+def adaptive_arms(sw: Sweep) -> None:
+    """``--prune-mode adaptive`` beside the uniform pruning rows (same ratios, experts f16)."""
+    for ratio in (0.25, 0.5):
+        for c in ADAPTIVE_CRITERIA:
+            sw.arm("prune_adaptive", f"prune{int(ratio * 100)}_{c}_adaptive",
+                   CompressOptions(prune=ratio, criterion=c, prune_mode="adaptive"))
+
+
+def merge_partial(stored: dict, part: dict) -> dict:
+    """Put ``part``'s adaptive rows into ``stored`` (after the uniform pruning rows), checking the setup matches.
+
+    Raises:
+        SystemExit: the reference perplexity, positions or the re-run ``prune25_reap`` row differ.
+    """
+    check = next(r for r in part["rows"] if r["arm"] == "prune25_reap")
+    old = next(r for r in stored["rows"] if r["arm"] == "prune25_reap")
+    same = (part["model_sha256"] == stored.get("model_sha256")
+            and abs(part["ref_ppl"] - stored["ref_ppl"]) <= 1e-9 * stored["ref_ppl"]
+            and part["positions"] == stored["positions"] and abs(check["kl_mean"] - old["kl_mean"]) <= 1e-9)
+    if not same:
+        raise SystemExit(f"the partial run does not reproduce the stored setup (model sha256, ref ppl {part['ref_ppl']} vs "
+                         f"{stored['ref_ppl']}, prune25_reap KL {check['kl_mean']} vs {old['kl_mean']}); "
+                         "re-run the whole sweep")
+    new = [r for r in part["rows"] if r["section"] == "prune_adaptive"]
+    names = {r["arm"] for r in new}
+    rows = [r for r in stored["rows"] if r["arm"] not in names]
+    at = max(i for i, r in enumerate(rows) if r["section"] == "prune") + 1
+    out = dict(stored)
+    out["rows"] = rows[:at] + new + rows[at:]
+    out["partial_runs"] = [p for p in stored.get("partial_runs", []) if p.get("only") != "adaptive"] + [{
+        "only": "adaptive", "arms": sorted(names), "model": part["model"], "total_s": part["total_s"],
+        "threads": part["threads"],
+        "check": {"arm": "prune25_reap", "kl_mean_stored": old["kl_mean"], "kl_mean_rerun": check["kl_mean"],
+                  "ppl_stored": old["ppl"], "ppl_rerun": check["ppl"]}}]
+    return out
+
+
 def _bits(row: dict) -> str:
     b = row.get("expert_bytes_at_level", row["expert_bytes"])
     return f"{8 * b / row['expert_weights']:.2f}"
@@ -158,12 +216,13 @@ def markdown(res: dict) -> str:
     lines = [f"# Compression quality on the embedded default model",
              "",
              f"Reference: `{res['model']}` (model.safetensors sha256 `{res.get('model_sha256', '?')[:16]}…`; bf16 "
-             f"HF weights run in fp32), held-out ppl **{res['ref_ppl']:.3f}** on "
+             f"HF weights run in fp32{'; ' + res['model_note'] if res.get('model_note') else ''}), held-out ppl **{res['ref_ppl']:.3f}** on "
              f"{res['positions']} predicted positions ({res['windows']} windows x {res['seq_len']} tokens from "
              f"{', '.join(res['domains'])}). Calibration: {res['calibration']['tokens']} tokens of the embedded "
              f"calibration sample. Generated by `python bench/quality_sweep.py` ({res['total_s']} s, "
              f"{res['threads']} thread). Expert bpw = stored expert bytes (page padding and scales included) x 8 / "
              "expert weights (of the kept experts); file MB = all shard bytes.",
+             *_partial_note(res),
              "",
              "| section | arm | level | expert bpw | file MB | ppl | Δppl | KL | top-1 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -172,6 +231,17 @@ def markdown(res: dict) -> str:
                      f"{_bits(r)} | {r['file_bytes'] / 1e6:.2f} | {r['ppl']:.3f} | "
                      f"{100 * r['ppl_increase']:+.2f}% | {r['kl_mean']:.5f} | {100 * r['top1_agreement']:.2f}% |")
     return "\n".join(lines + [""] + summary(res)) + "\n"
+
+
+def _partial_note(res: dict) -> list[str]:
+    out = []
+    for p in res.get("partial_runs", []):
+        c = p["check"]
+        out += ["", f"Rows `{', '.join(p['arms'])}` were added later by `python bench/quality_sweep.py --only "
+                f"{p['only']}` ({p['total_s']} s, {p['threads']} thread) and merged into this table; that run "
+                f"re-measured `{c['arm']}` as a check: KL {c['kl_mean_rerun']:.6f} vs {c['kl_mean_stored']:.6f} "
+                f"stored, ppl {c['ppl_rerun']:.3f} vs {c['ppl_stored']:.3f}."]
+    return out
 
 
 def _find(res: dict, arm: str, level=None) -> dict | None:
@@ -196,6 +266,15 @@ def summary(res: dict) -> list[str]:
         rows.sort(key=lambda r: r["kl_mean"])
         out.append(f"- pruning {ratio} % (experts f16), criteria by KL: " + "; ".join(
             f"{r['criterion']} KL {r['kl_mean']:.5f} / Δppl {100 * r['ppl_increase']:+.2f}%" for r in rows))
+    for ratio in (25, 50):
+        for c in ADAPTIVE_CRITERIA:
+            a, u = _find(res, f"prune{ratio}_{c}_adaptive"), _find(res, f"prune{ratio}_{c}")
+            if a is None or u is None:
+                continue
+            out.append(f"- pruning {ratio} %, {c}: adaptive (experts per layer {a.get('experts_per_layer')}) KL "
+                       f"{a['kl_mean']:.5f} / Δppl {100 * a['ppl_increase']:+.2f}% / top-1 "
+                       f"{100 * a['top1_agreement']:.2f}% vs uniform KL {u['kl_mean']:.5f} / Δppl "
+                       f"{100 * u['ppl_increase']:+.2f}% / top-1 {100 * u['top1_agreement']:.2f}%")
     for codec, lv in (("matryoshka_floor", 1), ("matryoshka", 1), ("residual", 2)):
         out.append(f"- 4-bit level of {codec} (level {lv}): {_fmt(_find(res, codec, lv))}")
     for q in ("q8_0", "q4_0"):
@@ -222,9 +301,17 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "compression_quality"))
+    ap.add_argument("--only", choices=["adaptive"], default=None,
+                    help="run only the adaptive pruning arms and merge them into the existing --out JSON/Markdown")
     args = ap.parse_args()
     res = run(args)
     out = Path(args.out)
+    if args.only:
+        res = merge_partial(json.loads(out.with_suffix(".json").read_text()), res)
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        out.with_suffix(".md").write_text(markdown(res))
+        print(json.dumps({"merged": res["partial_runs"][-1]}))
+        return
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     print(json.dumps({"ref_ppl": res["ref_ppl"], "arms": len(res["rows"]), "total_s": res["total_s"],

@@ -118,7 +118,8 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-mode", default="uniform", metavar="MODE",
                    help=f"{' | '.join(PRUNE_MODES)}: same count per layer, or per-layer counts from global scores")
     g.add_argument("--top-k", default=None, metavar="N",
-                   help="experts per token after pruning (one value; per-layer values are not supported yet)")
+                   help="experts per token: one value for every MoE layer, or one per MoE layer in layer order "
+                        "(e.g. 8,8,6,6); recorded as moestream_top_k_per_layer (default: unchanged)")
     g.add_argument("--size-budget", default=None, metavar="SIZE",
                    help="bit allocation budget: '4bpw' (average bits per stored expert weight) or '0.02GB' "
                         "(whole model); chooses each expert's max stored level")
@@ -135,13 +136,13 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
                    help="after converting, write quality.json (ppl, KL, top-1 per level vs HF_DIR) beside the shards")
 
 
-def _parse_top_k(text: str | None) -> int | None:
-    if text is None:
-        return None
-    if not re.fullmatch(r"\d+", text.strip()):
-        raise NotImplementedError(f"--top-k {text!r}: per-layer top-k needs per-layer router settings the engine's "
-                                  "families do not have yet; give one integer")
-    return int(text)
+def _parse_top_k(text: str | None) -> int | list[int] | None:
+    from moestream.convert.pruning import parse_top_k
+
+    try:
+        return parse_top_k(text)
+    except ValueError as exc:
+        raise MoestreamError(str(exc)) from exc
 
 
 def _compressing(args: argparse.Namespace) -> bool:
@@ -170,6 +171,13 @@ def _export_llamacpp(args: argparse.Namespace, progress: bool) -> int:
     from moestream.convert.llamacpp_export import export_llamacpp
     from moestream.convert.shards import format_bytes
 
+    if args.prune_mode == "adaptive":
+        raise MoestreamError("--target llama.cpp cannot use --prune-mode adaptive: llama.cpp has one expert count "
+                             "for every layer; use the moestream target for adaptive pruning")
+    if args.top_k is not None and "," in str(args.top_k):
+        raise MoestreamError("--target llama.cpp cannot use a per-layer --top-k: llama.cpp has one expert_used_count "
+                             "for every layer; use the moestream target")
+    _refuse_moestream_shards_for_llamacpp(Path(args.hf_dir))
     if _compressing(args):
         raise MoestreamError("--target llama.cpp takes no compression options; prune or quantize with the "
                              "moestream target, or pick --qtype for the llama.cpp file")
@@ -180,6 +188,30 @@ def _export_llamacpp(args: argparse.Namespace, progress: bool) -> int:
     path = export_llamacpp(args.hf_dir, out, qtype=args.qtype, progress=progress)
     print(f"wrote llama.cpp GGUF, {format_bytes(Path(path).stat().st_size)}: {path}")
     return 0
+
+
+def _refuse_moestream_shards_for_llamacpp(path: Path) -> None:
+    """``--target llama.cpp`` exports HF folders; a moestream shard model gets a one-line reason.
+
+    Raises:
+        MoestreamError: ``path`` is a moestream shard model (adaptively pruned ones say so).
+    """
+    if not (path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").is_file()
+                                       and any(path.glob("*.gguf")))):
+        return
+    from moestream.convert.errors import ModelFormatError
+    from moestream.convert.shards import ShardedModel
+
+    try:
+        with ShardedModel.open(path, verify="off") as reader:
+            cfg = reader.config
+    except ModelFormatError:
+        return  # not a moestream shard set: the HF reader names what is missing
+    per = [v for v in cfg.get("moestream_num_experts_per_layer") or [] if v]
+    if len(set(per)) > 1:
+        raise MoestreamError(f"{path} is adaptively pruned ({min(per)}..{max(per)} experts per layer) and llama.cpp "
+                             "needs one expert count for every layer; convert the HF folder with --prune-mode uniform")
+    raise MoestreamError(f"{path} is a moestream shard model; --target llama.cpp exports from the HF folder")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

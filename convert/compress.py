@@ -70,8 +70,8 @@ class CompressOptions:
         group_size: nested codec group length.
         prune: fraction of routed experts to drop per layer.
         criterion: ``reap`` | ``frequency`` | ``ean`` | ``cc``.
-        prune_mode: ``uniform`` | ``adaptive``.
-        top_k: new experts per token (None = unchanged).
+        prune_mode: ``uniform`` | ``adaptive`` (adaptive records ``moestream_num_experts_per_layer``).
+        top_k: new experts per token: one value, or one per MoE layer in layer order (None = unchanged).
         size_budget: ``"4bpw"``, ``"0.05GB"`` ... (None = every level stored).
         dense: dense matrix precision ``f16`` | ``bf16`` | ``f32`` | ``q8_0`` | ``q4_0``.
         favour: give embeddings, LM head, shared experts and first/last layers one step more.
@@ -83,7 +83,7 @@ class CompressOptions:
     prune: float = 0.0
     criterion: str = "reap"
     prune_mode: str = "uniform"
-    top_k: int | None = None
+    top_k: int | list[int] | None = None
     size_budget: str | None = None
     dense: str = "f16"
     favour: bool = True
@@ -106,6 +106,10 @@ class CompressOptions:
             raise ValueError(f"unknown --dense {self.dense!r}; choose one of {', '.join(DENSE_PRECISIONS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.top_k is not None:
+            vals = [self.top_k] if isinstance(self.top_k, int) else list(self.top_k)
+            if not vals or not all(isinstance(v, int) and v >= 1 for v in vals):
+                raise ValueError(f"--top-k must be positive integers (one, or one per MoE layer), got {self.top_k}")
         if self.size_budget is not None and self.codec not in CODEC_IDS:
             raise ValueError("--size-budget chooses levels of a nested codec; use --codec "
                              f"{' | '.join(CODEC_IDS)}")
@@ -186,9 +190,10 @@ def plan_compression(ckpt: HFCheckpoint, opts: CompressOptions,
     if opts.prune > 0:
         n_group, topk_group = routing_groups(cfg)
         kept = choose_kept(calibration.scores(opts.criterion), opts.prune, opts.prune_mode,
-                           top_k=int(cfg.get("num_experts_per_tok") or 1), n_group=n_group, topk_group=topk_group)
+                           top_k=int(cfg.get("num_experts_per_tok") or 1), n_group=n_group, topk_group=topk_group,
+                           min_per_group=2 if cfg.get("topk_method") == "noaux_tc" else 1)
     if kept is not None or opts.top_k is not None:
-        cfg = pruned_config(cfg, kept or {}, opts.top_k)
+        cfg = pruned_config(cfg, kept or {}, opts.top_k, moe_layers=_moe_layers(ckpt, cfg))
     codec = build_codec(opts)
     if isinstance(codec, NestedExpertCodec) and calibration is not None:
         for layer, st in calibration.layers.items():
@@ -197,6 +202,9 @@ def plan_compression(ckpt: HFCheckpoint, opts: CompressOptions,
     dense_type = dense_precision_policy(cfg, opts.dense, opts.favour)
     record: dict[str, Any] = {"options": asdict(opts), "codec": codec.name,
                               "kept": {str(k): v for k, v in (kept or {}).items()}}
+    for key in ("moestream_num_experts_per_layer", "moestream_top_k_per_layer"):
+        if key in cfg:
+            record[key] = cfg[key]
     if opts.prune > 0 and cfg.get("model_type") in ("qwen2_moe", "olmoe") and not cfg.get("norm_topk_prob"):
         record["note"] = ("top-k weights are not renormalised in this family: kept experts' weights are the "
                           "softmax over the kept set (scaled by 1/(1 - removed mass))")
@@ -211,6 +219,17 @@ def plan_compression(ckpt: HFCheckpoint, opts: CompressOptions,
         record["levels"].setdefault(str(e.layer), []).append(len(e.planes) - 1)
     plan.metadata[KEY_COMPRESSION] = json.dumps(record, sort_keys=True)
     return plan, record
+
+
+def _moe_layers(ckpt: HFCheckpoint, cfg: dict[str, Any]) -> list[int]:
+    """Decoder layers with routed experts in the checkpoint (below ``num_hidden_layers``: no MTP layers)."""
+    n_layers = int(cfg.get("num_hidden_layers") or 0)
+    layers = set()
+    for name in ckpt.canonical_names():
+        parsed = C.parse_expert_tensor_name(name)
+        if parsed is not None and (not n_layers or parsed[0] < n_layers):
+            layers.add(parsed[0])
+    return sorted(layers)
 
 
 def _allocate(ckpt: HFCheckpoint, plan: ConversionPlan, codec: NestedExpertCodec, opts: CompressOptions,

@@ -93,6 +93,7 @@ def export_llamacpp(hf_dir: str | Path, out_path: str | Path, qtype: str = "q8_0
         raise UnsupportedModelError(f"model_type {mt!r} has no llama.cpp MoE architecture here; "
                                     f"supported: {', '.join(sorted(ARCH_OF_MODEL_TYPE))}")
     arch = ARCH_OF_MODEL_TYPE[mt]
+    _check_uniform_routing(cfg, ckpt.path)
     experts = _expert_layout(ckpt)
     plans = _plan_tensors(ckpt, arch, experts, QTYPES[qtype][0])
     out = Path(out_path)
@@ -136,6 +137,20 @@ class _Experts:
     count: int
     inter: int  # I
     hidden: int  # H
+
+
+def _check_uniform_routing(cfg: dict[str, Any], path: Path) -> None:
+    """llama.cpp has one expert count and one top-k per model: refuse moestream's per-layer values.
+
+    Raises:
+        ModelFormatError: ``moestream_num_experts_per_layer`` / ``moestream_top_k_per_layer`` differ between layers.
+    """
+    for key, what in (("moestream_num_experts_per_layer", "expert_count (adaptive pruning)"),
+                      ("moestream_top_k_per_layer", "expert_used_count (per-layer top-k)")):
+        per = {v for v in cfg.get(key) or [] if v}
+        if len(per) > 1:
+            raise ModelFormatError(f"{path}: {key} differs between layers ({min(per)}..{max(per)}) but llama.cpp has "
+                                   f"one {what} per model; prune with --prune-mode uniform and one --top-k")
 
 
 def _expert_layout(ckpt: HFCheckpoint) -> _Experts:

@@ -260,8 +260,8 @@ def doctor(model: str, memory: str | int | None = None, ctx: int | None = None, 
         need = resident_requirement(fp)
         out.update(ctx=ctx_, fits=budget >= need, min_budget_bytes=need, footprint=fp.as_dict(),
                    note="HF folders load fully resident; convert to stream experts under a smaller budget",
-                   plan={"resident_bytes": fp.resident_bytes + fp.expert_compute_bytes * fp.n_experts
-                         * fp.n_moe_layers, "kv_bytes": fp.kv_bytes,
+                   plan={"resident_bytes": fp.resident_bytes + fp.expert_compute_bytes * fp.total_routed_experts,
+                         "kv_bytes": fp.kv_bytes,
                          "workspace_bytes": fp.activation_bytes + fp.runtime_bytes})
         if measure:
             compute = measure_decode_compute(config.get("model_type", ""), config)
@@ -284,9 +284,9 @@ def doctor(model: str, memory: str | int | None = None, ctx: int | None = None, 
             out.update(fits=False, refusal=str(exc))
             return out
         slot = plan.slot_bytes(0)
-        slots = min((plan.arena_bytes - plan.alignment) // slot, fp.n_experts * fp.n_moe_layers)
-        rho = slots / (fp.top_k * fp.n_moe_layers)
-        fraction = slots / (fp.n_experts * fp.n_moe_layers)
+        slots = min((plan.arena_bytes - plan.alignment) // slot, fp.total_routed_experts)
+        rho = slots / fp.active_experts_per_token
+        fraction = slots / fp.total_routed_experts
         report = find_analysis_report(model, analysis)
         hit = expected_hit_rate(report, rho, cache_policy, fraction)
         out.update(fits=True, plan=plan.as_dict(), arena_slots=slots, cache_rho=rho, arena_fraction=fraction,
@@ -391,7 +391,11 @@ def record_routing(engine: Any, texts: Sequence[tuple[str, str]], window: int = 
     moe = model.moe_layers()
     index = {layer: i for i, layer in enumerate(moe)}
     first = model.model.layers[moe[0]].mlp
-    rec = TraceRecorder(len(moe), first.num_experts, first.top_k)
+    blocks = [model.model.layers[i].mlp for i in moe]
+    if len({b.top_k for b in blocks}) > 1:
+        raise NotImplementedError("routing traces hold one top-k for every MoE layer; this model was converted "
+                                  "with a per-layer --top-k (moestream_top_k_per_layer)")
+    rec = TraceRecorder(len(moe), max(b.num_experts for b in blocks), first.top_k)  # ids < the largest count
     actual: dict[int, list[np.ndarray]] = {}
 
     def hook(layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:

@@ -92,12 +92,5 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32,
 
 
 def _check_experts(model: MoECausalLM, args: BaseModelArgs, experts: ResidentExperts, path: Path) -> None:
-    """Every MoE layer must have exactly ``n_routed_experts`` experts in the checkpoint."""
-    moe = model.moe_layers()
-    if experts.layers != moe:
-        raise ModelFormatError(f"{path}: routed experts found for layers {experts.layers}, "
-                               f"the config expects MoE layers {moe}")
-    for layer in moe:
-        if experts.num_experts(layer) != args.n_routed_experts:
-            raise ModelFormatError(f"{path}: layer {layer} has {experts.num_experts(layer)} experts, "
-                                   f"config says {args.n_routed_experts}")
+    """Every MoE layer must hold exactly as many experts as its router has rows (per-layer counts allowed)."""
+    model.check_expert_counts({layer: experts.num_experts(layer) for layer in experts.layers}, str(path))

@@ -59,7 +59,10 @@ class ModelFootprint:
         expert_compute_bytes: one routed expert at fp32.
         top_k: experts per token per MoE layer.
         n_moe_layers: MoE layers.
-        n_experts: routed experts per MoE layer.
+        n_experts: routed experts per MoE layer (the largest when layers differ: adaptive pruning).
+        routed_experts: routed experts over all MoE layers (0 = ``n_experts * n_moe_layers``).
+        active_experts: routed experts one token uses over all MoE layers, per-layer top-k summed
+            (0 = ``top_k * n_moe_layers``; ``top_k`` is the largest per-layer value).
         ctx: context length planned for.
         expert_plane_bytes: stored bytes of plane j (what level j adds), largest expert; empty = one
             plane per level, derived from ``expert_level_bytes``.
@@ -79,6 +82,8 @@ class ModelFootprint:
     n_moe_layers: int
     n_experts: int
     ctx: int
+    routed_experts: int = 0
+    active_experts: int = 0
     expert_plane_bytes: tuple[int, ...] = ()
     experts_per_plane: tuple[int, ...] = ()
 
@@ -96,6 +101,16 @@ class ModelFootprint:
         return self.experts_per_plane or tuple(self.n_experts * self.n_moe_layers for _ in self.plane_bytes)
 
     @property
+    def total_routed_experts(self) -> int:
+        """Routed experts over all MoE layers (exact with per-layer counts)."""
+        return self.routed_experts or self.n_experts * self.n_moe_layers
+
+    @property
+    def active_experts_per_token(self) -> int:
+        """Routed experts one token uses over all MoE layers (exact with per-layer top-k)."""
+        return self.active_experts or self.top_k * self.n_moe_layers
+
+    @property
     def workspace_bytes(self) -> int:
         """What the planner counts as workspace: activations + expert scratch + runtime reserve."""
         return self.activation_bytes + self.scratch_bytes + self.runtime_bytes
@@ -108,7 +123,7 @@ class ModelFootprint:
     @property
     def expert_bytes_per_token(self) -> int:
         """Stored expert bytes one token routes to (k experts in each MoE layer, highest level)."""
-        return self.expert_level_bytes[-1] * self.top_k * self.n_moe_layers
+        return self.expert_level_bytes[-1] * self.active_experts_per_token
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready view (with the derived sizes)."""
@@ -221,6 +236,7 @@ def model_footprint(model_type: str, config: dict, expert_level_bytes: list[int]
         scratch_bytes=scratch_experts * costs.expert_bytes, runtime_bytes=runtime_reserve(), io_buffer_bytes=io,
         expert_level_bytes=tuple(int(b) for b in expert_level_bytes), expert_compute_bytes=costs.expert_bytes,
         top_k=costs.top_k, n_moe_layers=costs.moe_layers, n_experts=costs.experts_per_layer, ctx=ctx,
+        routed_experts=costs.routed_experts, active_experts=costs.active_experts_per_token,
         expert_plane_bytes=tuple(expert_plane_bytes), experts_per_plane=tuple(experts_per_plane))
 
 
@@ -282,7 +298,7 @@ def all_experts_arena_bytes(fp: ModelFootprint, alignment: int = DEFAULT_ALIGNME
 def resident_requirement(fp: ModelFootprint) -> int:
     """Bytes a fully resident load (every expert at fp32 in memory, no arena) needs."""
     return (fp.resident_bytes + fp.kv_bytes + fp.activation_bytes + fp.runtime_bytes + fp.io_buffer_bytes
-            + fp.expert_compute_bytes * fp.n_experts * fp.n_moe_layers)
+            + fp.expert_compute_bytes * fp.total_routed_experts)
 
 
 def check_resident_budget(fp: ModelFootprint, budget: int, what: str) -> None:

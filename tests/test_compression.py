@@ -248,8 +248,10 @@ def test_adaptive_mode_counts_and_config_limits():
     scores = {0: np.array([1.0, 1.0, 1.0, 1.0]), 1: np.array([10.0, 0.01, 0.01, 9.0])}
     kept = choose_kept(scores, 0.25, "adaptive", top_k=1)
     assert kept[0] == [0, 1, 2, 3] and kept[1] == [0, 3]
-    with pytest.raises(NotImplementedError, match="uniform"):
-        pruned_config({"num_experts": 4, "num_experts_per_tok": 1}, kept)
+    cfg = pruned_config({"num_experts": 4, "num_experts_per_tok": 1, "num_hidden_layers": 2}, kept)
+    assert cfg["num_experts"] == 4 and cfg["moestream_num_experts_per_layer"] == [4, 2]  # per-layer counts
+    with pytest.raises(ValueError, match="must be in 1..2"):
+        pruned_config({"num_experts": 4, "num_experts_per_tok": 1, "num_hidden_layers": 2}, kept, top_k=3)
     cfg = pruned_config({"num_experts": 4, "num_experts_per_tok": 2}, {0: [0, 1, 2], 1: [0, 1, 3]}, top_k=1)
     assert cfg["num_experts"] == 3 and cfg["num_experts_per_tok"] == 1
 

@@ -82,6 +82,10 @@ class BaseModelArgs:
     torch_dtype: str | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
+    #: Per-layer routing written by ``moestream convert`` (adaptive pruning, per-layer ``--top-k``):
+    #: one entry per decoder layer (0 for dense layers); None = the family's single value everywhere.
+    moestream_num_experts_per_layer: list[int] | None = None
+    moestream_top_k_per_layer: list[int] | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "BaseModelArgs":
@@ -111,6 +115,43 @@ class BaseModelArgs:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.hidden_act != "silu":
             raise UnsupportedModelError(f"hidden_act '{self.hidden_act}' is not supported (only 'silu')")
+        for key in ("moestream_num_experts_per_layer", "moestream_top_k_per_layer"):
+            per = getattr(self, key)
+            if per is None:
+                continue
+            if (not isinstance(per, list) or len(per) != self.num_hidden_layers
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in per)):
+                raise ModelFormatError(f"config.json: '{key}' must list one non-negative integer per decoder layer "
+                                       f"({self.num_hidden_layers}), got {per!r}; re-run moestream convert")
+
+    # --- per-layer routing (moestream extension) -----------------------------------------------
+    def experts_in_layer(self, layer_idx: int) -> int:
+        """Routed experts of MoE layer ``layer_idx`` (``moestream_num_experts_per_layer`` or the family's count).
+
+        Raises:
+            ModelFormatError: the per-layer list gives this MoE layer no experts.
+        """
+        per = self.moestream_num_experts_per_layer
+        if per is None:
+            return int(self.n_routed_experts)
+        if per[layer_idx] < 1:
+            raise ModelFormatError(f"config.json: moestream_num_experts_per_layer gives MoE layer {layer_idx} "
+                                   f"{per[layer_idx]} experts; re-run moestream convert")
+        return int(per[layer_idx])
+
+    def top_k_in_layer(self, layer_idx: int) -> int:
+        """Experts per token in MoE layer ``layer_idx`` (``moestream_top_k_per_layer`` or the family's top-k).
+
+        Raises:
+            ModelFormatError: a per-layer top-k outside ``1..experts_in_layer(layer_idx)``.
+        """
+        per = self.moestream_top_k_per_layer
+        k = int(self.top_k) if per is None else int(per[layer_idx])
+        n = self.experts_in_layer(layer_idx)
+        if not 1 <= k <= n:
+            raise ModelFormatError(f"config.json: MoE layer {layer_idx} routes to top-k={k} of its {n} experts; "
+                                   "top-k must be in 1..experts; re-run moestream convert with a valid --top-k")
+        return k
 
     # --- MoE shape, defined per family -------------------------------------------------------
     @property
@@ -135,18 +176,25 @@ class ModelCosts:
 
     dense_bytes: int  # every non-routed-expert weight (embeddings, attention, norms, routers, shared/dense MLPs)
     expert_bytes: int  # one routed expert (gate + up + down)
-    experts_per_layer: int
+    experts_per_layer: int  # the largest MoE layer's count (layers may differ after adaptive pruning)
     moe_layers: int
-    top_k: int
+    top_k: int  # the largest per-layer top-k
+    layer_experts: tuple[int, ...] = ()  # routed experts of each MoE layer (empty: experts_per_layer everywhere)
+    layer_top_k: tuple[int, ...] = ()  # top-k of each MoE layer (empty: top_k everywhere)
+
+    @property
+    def routed_experts(self) -> int:
+        """Routed experts over all MoE layers."""
+        return sum(self.layer_experts) if self.layer_experts else self.experts_per_layer * self.moe_layers
 
     @property
     def active_experts_per_token(self) -> int:
         """Routed experts touched per token (over all MoE layers)."""
-        return self.moe_layers * self.top_k
+        return sum(self.layer_top_k) if self.layer_top_k else self.moe_layers * self.top_k
 
     @property
     def total_expert_bytes(self) -> int:
-        return self.expert_bytes * self.experts_per_layer * self.moe_layers
+        return self.expert_bytes * self.routed_experts
 
     @property
     def active_bytes_per_token(self) -> int:
@@ -257,6 +305,27 @@ class MoECausalLM(nn.Module):
         """Indices of decoder layers whose MLP is a :class:`MoEBlock`."""
         return [i for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoEBlock)]
 
+    def check_expert_counts(self, counts: Mapping[int, int], where: str) -> None:
+        """Refuse stored routed experts that do not match the routers.
+
+        Args:
+            counts: MoE layer -> number of stored experts (ids ``0..n-1``).
+            where: the model path, for the message.
+
+        Raises:
+            ModelFormatError: experts stored for other layers than the MoE layers, or a layer whose count
+                differs from its router's rows (``moestream_num_experts_per_layer`` or the family's count).
+        """
+        moe = self.moe_layers()
+        if sorted(counts) != moe:
+            raise ModelFormatError(f"{where}: routed experts stored for layers {sorted(counts)}, the config "
+                                   f"expects MoE layers {moe}")
+        for layer in moe:
+            want = self.model.layers[layer].mlp.num_experts
+            if counts[layer] != want:
+                raise ModelFormatError(f"{where}: layer {layer} has {counts[layer]} experts, its router (config) "
+                                       f"has {want}; re-run moestream convert")
+
     # --- weights ---------------------------------------------------------------------------------
     def load_canonical(self, tensors: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Load every non-routed-expert weight from canonical names.
@@ -303,8 +372,12 @@ class MoECausalLM(nn.Module):
         bpp = bytes_per_param or self.model.embed_tokens.weight.element_size()
         dense = sum(p.numel() for p in self.parameters()) * bpp
         expert = 3 * a.hidden_size * a.expert_intermediate_size * bpp
-        return ModelCosts(dense_bytes=dense, expert_bytes=expert, experts_per_layer=a.n_routed_experts,
-                          moe_layers=len(self.moe_layers()), top_k=a.top_k)
+        blocks = [self.model.layers[i].mlp for i in self.moe_layers()]
+        counts = tuple(int(b.num_experts) for b in blocks)
+        ks = tuple(int(b.top_k) for b in blocks)
+        return ModelCosts(dense_bytes=dense, expert_bytes=expert,
+                          experts_per_layer=max(counts, default=a.n_routed_experts), moe_layers=len(blocks),
+                          top_k=max(ks, default=a.top_k), layer_experts=counts, layer_top_k=ks)
 
     def dense_nbytes(self) -> int:
         """Bytes of every non-routed-expert weight at the model's dtype."""

@@ -262,13 +262,28 @@ def drop_extra_layers(tensors: Mapping[str, Any], num_hidden_layers: int) -> dic
     return out
 
 
-def build_router(args: ModelArgs) -> GroupedTopKRouter:
-    """The routed-expert gate of one MoE layer for these config args.
+def build_router(args: ModelArgs, layer_idx: int | None = None) -> GroupedTopKRouter:
+    """The routed-expert gate of MoE layer ``layer_idx`` for these config args.
+
+    With per-layer expert counts (adaptive pruning) each layer's count must still split into
+    ``n_group`` equal contiguous groups (the converter drops the same number in every group).
+
+    Args:
+        args: the config.
+        layer_idx: decoder layer (per-layer counts / top-k); None = the config's single values.
 
     Raises:
+        ModelFormatError: a layer's count not divisible by ``n_group`` under grouped routing.
         UnsupportedModelError: see :class:`GroupedTopKRouter`.
     """
-    return GroupedTopKRouter(args.hidden_size, args.n_routed_experts, args.top_k, scoring_func=args.scoring_func,
+    n = args.n_routed_experts if layer_idx is None else args.experts_in_layer(layer_idx)
+    k = args.top_k if layer_idx is None else args.top_k_in_layer(layer_idx)
+    if (layer_idx is not None and args.moestream_num_experts_per_layer is not None
+            and args.topk_method != "greedy" and args.n_group and n % args.n_group):
+        raise ModelFormatError(f"config.json: MoE layer {layer_idx} keeps {n} routed experts, which do not split "
+                               f"into n_group={args.n_group} routing groups; re-run moestream convert (it prunes "
+                               "the same number in every group)")
+    return GroupedTopKRouter(args.hidden_size, n, k, scoring_func=args.scoring_func,
                              topk_method=args.topk_method, n_group=args.n_group, topk_group=args.topk_group,
                              norm_topk_prob=args.renormalise_topk, routed_scaling_factor=args.routed_scaling_factor)
 
@@ -297,7 +312,8 @@ class Model(MoECausalLM):
         shared = None
         if a.n_shared_experts:
             shared = DenseMLP(a.hidden_size, a.moe_intermediate_size * a.n_shared_experts)
-        return MoEBlock(layer_idx, build_router(a), self.runtime, shared=shared, shared_name="shared_experts")
+        return MoEBlock(layer_idx, build_router(a, layer_idx), self.runtime, shared=shared,
+                        shared_name="shared_experts")
 
     def load_canonical(self, tensors: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """As :meth:`MoECausalLM.load_canonical`, ignoring layers past ``num_hidden_layers`` (MTP heads)."""

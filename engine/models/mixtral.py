@@ -63,5 +63,6 @@ class Model(MoECausalLM):
 
     def build_mlp(self, layer_idx: int) -> nn.Module:
         a = self.args
-        router = SoftmaxTopKRouter(a.hidden_size, a.num_local_experts, a.num_experts_per_tok, norm_topk_prob=True)
+        router = SoftmaxTopKRouter(a.hidden_size, a.experts_in_layer(layer_idx), a.top_k_in_layer(layer_idx),
+                                   norm_topk_prob=True)
         return MoEBlock(layer_idx, router, self.runtime)

@@ -58,5 +58,6 @@ class Model(MoECausalLM):
 
     def build_mlp(self, layer_idx: int) -> nn.Module:
         a = self.args
-        router = SoftmaxTopKRouter(a.hidden_size, a.num_experts, a.num_experts_per_tok, a.norm_topk_prob)
+        router = SoftmaxTopKRouter(a.hidden_size, a.experts_in_layer(layer_idx), a.top_k_in_layer(layer_idx),
+                                   a.norm_topk_prob)
         return MoEBlock(layer_idx, router, self.runtime)

@@ -75,7 +75,8 @@ class Model(MoECausalLM):
         a = self.args
         if not a.is_moe_layer(layer_idx):
             return DenseMLP(a.hidden_size, a.intermediate_size)
-        router = SoftmaxTopKRouter(a.hidden_size, a.num_experts, a.num_experts_per_tok, a.norm_topk_prob)
+        router = SoftmaxTopKRouter(a.hidden_size, a.experts_in_layer(layer_idx), a.top_k_in_layer(layer_idx),
+                                   a.norm_topk_prob)
         shared = DenseMLP(a.hidden_size, a.shared_expert_intermediate_size)
         return MoEBlock(layer_idx, router, self.runtime, shared=shared,
                         shared_gate=nn.Linear(a.hidden_size, 1, bias=False), shared_name="shared_expert")

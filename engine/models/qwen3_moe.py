@@ -74,5 +74,6 @@ class Model(MoECausalLM):
         a = self.args
         if not a.is_moe_layer(layer_idx):
             return DenseMLP(a.hidden_size, a.intermediate_size)
-        router = SoftmaxTopKRouter(a.hidden_size, a.num_experts, a.num_experts_per_tok, a.norm_topk_prob)
+        router = SoftmaxTopKRouter(a.hidden_size, a.experts_in_layer(layer_idx), a.top_k_in_layer(layer_idx),
+                                   a.norm_topk_prob)
         return MoEBlock(layer_idx, router, self.runtime)
