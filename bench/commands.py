@@ -12,7 +12,10 @@ and the preparation of each suite's models and inputs:
   built by ``bench/synthetic.py`` (``python -m moestream.bench.synthetic DIR``),
   decode teacher-forced on real text (random weights loop under greedy);
 - ``--suite resident --data DIR``: the synthetic model with no limit, moestream
-  vs llama.cpp at each exported precision, plus a profile of decode steps.
+  vs llama.cpp at each exported precision, plus a profile of decode steps;
+- ``--suite nested``: the embedded model converted with the nested codec
+  (``matryoshka_floor``: 2/4/8-bit levels in one file) run at each level beside
+  its f32 shards and llama.cpp F32 / Q8_0 / Q4_0 exports, budgets 100/50/25 %.
 
 Results go to ``--out`` (default ``bench/results``) as ``<suite>.json``,
 ``<suite>.md`` and PNG plots. Knows nothing about engine internals.
@@ -50,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "moestream bench --suite synthetic --data /data/syn6\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="default model, 100/50/25 %%, 1 repetition (minutes)")
-    p.add_argument("--suite", choices=("default", "synthetic", "resident"), default="default")
+    p.add_argument("--suite", choices=("default", "synthetic", "resident", "nested"), default="default")
     p.add_argument("--data", help="synthetic model folder (bench/synthetic.py output)")
     p.add_argument("--budgets", type=float, nargs="+", metavar="PCT", help="budget percentages (default per suite)")
     p.add_argument("--reps", type=int, help="interleaved repetitions per budget (default 3, quick 1)")
@@ -104,6 +107,29 @@ def prepare_default(work: Path, llama_qtypes: list[str], model_dir: Path = DEFAU
     return paths
 
 
+NESTED_CODEC = "matryoshka_floor"
+
+
+def prepare_nested(work: Path, model_dir: Path = DEFAULT_MODEL_DIR) -> tuple[str, int]:
+    """The embedded model converted once with the nested codec; returns (shard folder, stored levels)."""
+    from moestream.convert.compress import CompressOptions, compress_checkpoint
+    from moestream.convert.shards import ShardedModel
+
+    stamp = str(int(max(f.stat().st_mtime for f in model_dir.glob("*.safetensors"))))
+    shards = work / f"default_{stamp}" / f"shards_{NESTED_CODEC}"
+    if not any(shards.glob("*.gguf")):
+        compress_checkpoint(model_dir, shards, CompressOptions(codec=NESTED_CODEC), progress=False)
+    with ShardedModel.open(shards, verify="off") as r:
+        levels = max(r.n_levels(l, e) for l, e in r.expert_keys())
+    return str(shards), levels
+
+
+def _nested_arms(shards: str, levels: int, policies: list[str], precisions: list[str]) -> list[Arm]:
+    return [Arm(f"moestream-{NESTED_CODEC}-L{j}-{pol}" + ("" if prec == "exact" else f"-{prec}"), "moestream",
+                shards, f"{NESTED_CODEC}-L{j}", cache_policy=pol, precision_policy=prec, extra=("--level", str(j)))
+            for j in range(levels) for pol in policies for prec in precisions]
+
+
 def _arms(paths: dict[str, str], moestream_fmts: list[str], policies: list[str], precisions: list[str],
           llama: list[str]) -> list[Arm]:
     arms = [Arm(f"moestream-{fmt}-{pol}" + ("" if prec == "exact" else f"-{prec}"), "moestream",
@@ -129,8 +155,8 @@ def build_config(args: argparse.Namespace) -> tuple[SuiteConfig, dict[str, Any],
     out.mkdir(parents=True, exist_ok=True)
     suite = "quick" if args.quick else args.suite
     name = f"{suite}{'_' + args.tag if args.tag else ''}"
-    if suite in ("quick", "default"):
-        llama = args.llama or ["f32"]
+    if suite in ("quick", "default", "nested"):
+        llama = args.llama or (["f32", "q8_0", "q4_0"] if suite == "nested" else ["f32"])
         model_dir = Path(args.model_dir)
         paths = prepare_default(Path(args.work_dir), llama, model_dir)
         model, fmts, tok = paths["moestream_f32"], ["f32"], model_dir / "tokenizer.json"
@@ -154,6 +180,11 @@ def build_config(args: argparse.Namespace) -> tuple[SuiteConfig, dict[str, Any],
         reps = args.reps or 3
         notes = [SYNTHETIC_NOTE]
     arms = _arms(paths, fmts, args.policies, args.precision, llama)
+    if suite == "nested":
+        nested, levels = prepare_nested(Path(args.work_dir), Path(args.model_dir))
+        arms = _nested_arms(nested, levels, args.policies, args.precision) + arms
+        notes.append(f"{NESTED_CODEC} shards: one file, level j = planes 0..j (2/4/8-bit experts; dense f16), "
+                     "each level one arm (--level j); budgets are fractions of the f32 shards' bytes")
     ctx = args.prompt_tokens + steps + 16
     tokens = _tokens(tok, out / f"{name}_tokens.json", args.prompt_tokens, steps)
     ov = harness.moestream_overhead(model, ctx)
@@ -171,7 +202,7 @@ def build_config(args: argparse.Namespace) -> tuple[SuiteConfig, dict[str, Any],
             "model_file_bytes": {a.name: harness.model_file_bytes(a.model) for a in arms},
             "moestream_min_budget_bytes": ov["min_budget_bytes"],
             "moestream_all_experts_budget_bytes": ov["all_experts_budget_bytes"]}
-    hf_config = json.loads(((Path(args.model_dir) if suite in ("quick", "default") else Path(paths["hf"]))
+    hf_config = json.loads(((Path(args.model_dir) if suite in ("quick", "default", "nested") else Path(paths["hf"]))
                             / "config.json").read_text())
     bw = harness.memory_bandwidth()
     phys["memory_bandwidth_bytes_per_s"] = bw

@@ -1,7 +1,7 @@
 """Child process of the benchmark: one moestream arm through the public Python API.
 
 ``python -m moestream.bench.run_arm MODEL --tokens FILE --mode teacher|greedy -n N
-[--memory SIZE] [--cache-policy P] [--precision-policy P] [--threads T] [--passes 2]
+[--memory SIZE] [--cache-policy P] [--precision-policy P] [--level L] [--threads T] [--passes 2]
 [--profile-dir DIR]`` loads the model with :class:`moestream.engine.api.Engine`
 (the same call ``moestream run`` makes), then times prefill and ``N`` decode
 steps per pass exactly like :mod:`moestream.bench.llama_runner` does for
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=int)
     p.add_argument("--cache-policy", default="lru")
     p.add_argument("--precision-policy", default="exact")
+    p.add_argument("--level", type=int, help="nested-codec shards: highest level to use (default: the highest)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--passes", type=int, default=2, help="1 = cold only; 2 = cold then warm")
     p.add_argument("--profile-dir")
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         engine = Engine.load(args.model, memory=args.memory, device="cpu", ctx=args.ctx,
-                             precision_policy=args.precision_policy, cache_policy=args.cache_policy)
+                             precision_policy=args.precision_policy, cache_policy=args.cache_policy,
+                             level=args.level)
     except Exception as exc:  # a refusal (BudgetError) is a result, reported as such
         emit({"engine": "moestream", "ok": False, "error_type": type(exc).__name__, "error": str(exc)})
         return 2
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
           "mode": args.mode, "passes": passes, "memory_plan": st.get("memory_plan"),
           "memory_budget_bytes": st.get("memory_budget_bytes"), "kv_cache_bytes": st.get("kv_cache_bytes"),
           "provider": (st.get("experts") or {}).get("provider", "resident"),
-          "cache_policy": args.cache_policy, "precision_policy": args.precision_policy,
+          "cache_policy": args.cache_policy, "precision_policy": args.precision_policy, "level": args.level,
           "arena_slots": (st.get("experts") or {}).get("arena_slots"),
           "experts_total": (st.get("experts") or {}).get("experts_total"),
           "versions": {"torch": torch.__version__, "numpy": np.__version__}})

@@ -62,6 +62,9 @@ def add_model_options(p: argparse.ArgumentParser, *, model_optional: bool = Fals
                         "adaptive = run a late expert at a lower resident level (default exact)")
     p.add_argument("--cache-policy", choices=("lru", "lfu", "consistency"), default="lru",
                    help="expert cache eviction policy for streamed (moestream shard) models (default lru)")
+    p.add_argument("--level", type=int, metavar="L",
+                   help="nested-codec shards (convert --codec/--size-budget): run experts at most at level L "
+                        "(0 = lowest precision, e.g. 2-bit); higher planes are never read (default: highest)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, temperature: float, max_tokens: int) -> None:
@@ -114,7 +117,8 @@ def load_engine(args: argparse.Namespace) -> Any:
 
     return Engine.load(args.model, memory=args.memory, device=args.device, ctx=args.ctx,
                        precision_policy=getattr(args, "precision_policy", "exact"),
-                       cache_policy=getattr(args, "cache_policy", "lru"), progress=show_progress(args))
+                       cache_policy=getattr(args, "cache_policy", "lru"), progress=show_progress(args),
+                       level=getattr(args, "level", None))
 
 
 # ------------------------------------------------------------------------------------------- run
