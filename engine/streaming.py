@@ -30,6 +30,7 @@ Knows nothing about tokenization, the generate loop or the CLI.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import os
 import threading
 from dataclasses import dataclass
@@ -455,6 +456,7 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
                  format_bytes(plan.workspace_bytes), format_bytes(plan.io_buffer_bytes),
                  format_bytes(plan.arena_bytes), format_bytes(plan.min_budget_bytes))
         model, args = _build(reader)
+        model.check_expert_counts(dict(Counter(layer for layer, _ in reader.expert_keys())), str(reader.paths[0]))
         load_dense(model, reader, progress=progress)
         provider = StreamingExperts(reader, plan, cache_policy=cache_policy, precision_policy=precision_policy,
                                     n_moe_layers=len(model.moe_layers()), top_k=int(args.top_k), n_workers=n_workers,
