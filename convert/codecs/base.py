@@ -58,6 +58,13 @@ def pack_bits(values: np.ndarray, k: int) -> np.ndarray:
         raise ValueError(f"pack_bits: value {int(flat.max())} does not fit in {k} bits")
     if k == 8:
         return flat.copy()
+    if 8 % k == 0:  # same layout, byte-wise: value i at bit k*(i % (8/k)) of byte i // (8/k)
+        per = 8 // k
+        vals = flat.reshape(-1, per)
+        out = vals[:, 0].copy()
+        for i in range(1, per):
+            out |= vals[:, i] << np.uint8(k * i)
+        return out
     runs = flat.reshape(-1, 8).astype(np.uint64)
     shifts = (np.arange(8, dtype=np.uint64) * np.uint64(k))
     word = np.bitwise_or.reduce(runs << shifts, axis=1)  # [n/8] uint64, low 8k bits used

@@ -25,7 +25,9 @@ search over clipping factors minimising Σ_r λ_r Σ_i h_i (w_i − ŵ_{r,i})²
 width's error divided by its min-max error (``normalize``; measured: without
 it the 2-bit term decides alone and the 8-bit level degrades ~600× on
 heavy-tailed weights). The min-max range is always a candidate, so the search is never worse than min-max on that
-objective.
+objective. :meth:`MatryoshkaCodec.encode` runs the search through :mod:`.range_search` (a compiled kernel, or
+torch); :meth:`MatryoshkaCodec.encode_reference` is the same search written plainly in numpy, and both give
+the same bytes.
 
 Knows nothing about files, kernels or the engine.
 """
@@ -120,8 +122,23 @@ class MatryoshkaCodec(Codec):
         sb = scale_bytes if scale_bytes is not None else (2 if self.scale_dtype == "f16" else 4)
         return self.stored_bits[level - 1] + 8.0 * (sb + 1) / group_size
 
-    def encode(self, weight: np.ndarray, group_size: int,
-               act_scale: np.ndarray | None = None) -> EncodedTensor:
+    def encode(self, weight: np.ndarray, group_size: int, act_scale: np.ndarray | None = None,
+               *, backend: str | None = None) -> EncodedTensor:
+        """See :meth:`Codec.encode`. ``backend`` picks how the range search computes
+        (:func:`moestream.convert.codecs.range_search.resolve_backend`); the bytes never depend on it."""
+        from moestream.convert.codecs import range_search
+
+        return self._encode(weight, group_size, act_scale, backend=range_search.resolve_backend(backend))
+
+    def encode_reference(self, weight: np.ndarray, group_size: int,
+                         act_scale: np.ndarray | None = None) -> EncodedTensor:
+        """The straightforward encoder (whole-matrix numpy per candidate); :meth:`encode` equals it bit for bit."""
+        return self._encode(weight, group_size, act_scale, backend=None)
+
+    def _encode(self, weight: np.ndarray, group_size: int, act_scale: np.ndarray | None,
+                backend: str | None) -> EncodedTensor:
+        from moestream.convert.codecs import range_search
+
         w = check_weight(weight, group_size, act_scale)
         R, C = w.shape
         G = C // group_size
@@ -129,32 +146,17 @@ class MatryoshkaCodec(Codec):
         h = group_weights(act_scale, R, C, group_size)  # [1, G, gs]
         lo = np.minimum(wg.min(axis=2), 0.0).astype(np.float64)
         hi = np.maximum(wg.max(axis=2), 0.0).astype(np.float64)
-        best_lo, best_hi = lo.copy(), hi.copy()
-        norm = self._norm(wg, h, lo, hi)
-        best_err = self._objective(wg, h, lo, hi, norm)
-        if self.search:
-            best_c = np.ones_like(lo)
-            for c in self.clip_grid:
-                if c == 1.0:
-                    continue
-                err = self._objective(wg, h, lo * c, hi * c, norm)
-                better = err < best_err
-                best_err = np.where(better, err, best_err)
-                best_c = np.where(better, c, best_c)
-                best_lo = np.where(better, lo * c, best_lo)
-                best_hi = np.where(better, hi * c, best_hi)
-            for dl in self.refine:
-                for dh in self.refine:
-                    if dl == 0.0 and dh == 0.0:
-                        continue
-                    clo, chi = lo * np.maximum(best_c + dl, 0.05), hi * np.maximum(best_c + dh, 0.05)
-                    err = self._objective(wg, h, clo, chi, norm)
-                    better = err < best_err
-                    best_err = np.where(better, err, best_err)
-                    best_lo = np.where(better, clo, best_lo)
-                    best_hi = np.where(better, chi, best_hi)
+        if not self.search:
+            best_lo, best_hi = lo, hi
+        elif backend is None:
+            best_lo, best_hi = self.search_ranges_reference(wg, h, lo, hi)
+        else:
+            best_lo, best_hi, _ = range_search.search_ranges(self, wg, h, lo, hi, backend)
         alpha, z = self._scale_zero(best_lo, best_hi)
-        q8 = self._codes(wg, alpha, z)  # [R, G, gs] int32 0..255
+        if backend is None:
+            q8 = self._codes(wg, alpha, z)  # [R, G, gs] int32 0..255
+        else:
+            q8 = range_search.int8_codes(wg, alpha.astype(np.float32), z, backend)  # same values, uint8
         segments: list[dict[str, np.ndarray]] = []
         prev = 0
         for j, (sb, pb) in enumerate(zip(self.stored_bits, self.plane_bits)):
@@ -170,6 +172,42 @@ class MatryoshkaCodec(Codec):
         name = "matryoshka" if self.slicing == "round" else "matryoshka_floor"
         return EncodedTensor(codec=name, params=self.params, shape=(R, C), group_size=group_size,
                              segments=segments)
+
+    def search_ranges_reference(self, wg: np.ndarray, h: np.ndarray, lo: np.ndarray,
+                                hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The range search written out plainly: every candidate evaluated on all groups at once.
+
+        Args:
+            wg: fp32 [R, G, gs]; h: fp64 error weights broadcastable to it; lo, hi: fp64 [R, G]
+                min-max ranges (containing 0).
+
+        Returns:
+            (best_lo, best_hi) fp64 [R, G]: per group the first candidate with the smallest objective.
+        """
+        best_lo, best_hi = lo.copy(), hi.copy()
+        norm = self._norm(wg, h, lo, hi)
+        best_err = self._objective(wg, h, lo, hi, norm)
+        best_c = np.ones_like(lo)
+        for c in self.clip_grid:
+            if c == 1.0:
+                continue
+            err = self._objective(wg, h, lo * c, hi * c, norm)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_c = np.where(better, c, best_c)
+            best_lo = np.where(better, lo * c, best_lo)
+            best_hi = np.where(better, hi * c, best_hi)
+        for dl in self.refine:
+            for dh in self.refine:
+                if dl == 0.0 and dh == 0.0:
+                    continue
+                clo, chi = lo * np.maximum(best_c + dl, 0.05), hi * np.maximum(best_c + dh, 0.05)
+                err = self._objective(wg, h, clo, chi, norm)
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_lo = np.where(better, clo, best_lo)
+                best_hi = np.where(better, chi, best_hi)
+        return best_lo, best_hi
 
     def reference_decode(self, enc: EncodedTensor, level: int) -> np.ndarray:
         codes, alpha, shift, offset = self.level_codes(enc, level)
