@@ -270,6 +270,11 @@ class StreamingExperts:
         ids = predicted_ids.reshape(-1).tolist() if isinstance(predicted_ids, torch.Tensor) else list(predicted_ids)
         self.cache.hint(layer, predicted_ids, predicted_weights, levels=self.levels_for(layer, set(map(int, ids))))
 
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Start loading experts this layer is known to need next (the later acquire chunks of a prefill)."""
+        ids = [int(e) for e in expert_ids]
+        self.cache.hint(layer, ids, levels=self.levels_for(layer, ids), prediction=False)
+
     def acquire(self, layer: int, expert_ids: Sequence[int], gate_weights: Sequence[float]) -> dict[int, ExpertView]:
         """Pin and return the views (waits for loads; see ``StreamingExpertCache.acquire``).
 

@@ -122,7 +122,7 @@ class StreamingExpertCache:
     # ------------------------------------------------------------------ public API
 
     def hint(self, layer: int, predicted_ids: Any, predicted_weights: Any = None,
-             levels: int | Mapping[int, int] | None = None) -> None:
+             levels: int | Mapping[int, int] | None = None, prediction: bool = True) -> None:
         """Prefetch the predicted experts of ``layer`` (HEBF order, never evicting pinned slices).
 
         Args:
@@ -130,12 +130,15 @@ class StreamingExpertCache:
             predicted_ids: expert ids ([T, k] or flat).
             predicted_weights: unused except for API symmetry.
             levels: level per expert (default: the highest).
+            prediction: count these ids as a routing prediction in the prefetch-accuracy stats (False for
+                ids already known to be needed, e.g. the later chunks of a prefill).
         """
         ids = _ids(predicted_ids)
         demand = Counter(ids.tolist())
         experts = list(demand)
         with self._cond:
-            self._hinted[layer] = set(experts)
+            if prediction:
+                self._hinted[layer] = set(experts)
             wanted = {e: self._needed(e, levels) for e in experts}
             keys = [k for e in experts for k in self._required_keys(layer, e, wanted[e])]
             self.policy.on_hint(keys)

@@ -388,11 +388,14 @@ class MoEBlock(nn.Module):
         # A provider with a fixed arena takes at most ``max_experts_per_acquire`` ids per call; chunks keep
         # the per-expert arithmetic and its order unchanged, so the result is the same as one call.
         limit = getattr(provider, "max_experts_per_acquire", None) or len(id_list)
+        prefetch = getattr(provider, "prefetch", None)
         out = torch.zeros_like(x)
         offset = 0
         for c0 in range(0, len(id_list), limit):
             ids_c = id_list[c0:c0 + limit]
             views = provider.acquire(self.layer_idx, ids_c, wsum_list[c0:c0 + limit])
+            if prefetch is not None and c0 + limit < len(id_list):
+                prefetch(self.layer_idx, id_list[c0 + limit:c0 + 2 * limit])  # next chunk loads while this computes
             try:
                 for e, c in zip(ids_c, count_list[c0:c0 + limit]):
                     tok = token_of_slot[offset:offset + c]  # [c]
