@@ -43,6 +43,7 @@ import torch
 from moestream.convert import constants as C
 from moestream.convert.errors import ModelFormatError
 from moestream.convert.shard_reader import ShardedModel, tensor_from_buffer
+from moestream.engine import native_kernels
 from moestream.engine.experts import ExpertView, ResidentExperts
 from moestream.engine.models.base import MoECausalLM
 from moestream.engine.planning import ModelFootprint, model_footprint, plan_for, resolve_budget
@@ -59,7 +60,9 @@ log = logging.getLogger("moestream")
 CACHE_POLICIES = tuple(POLICIES)  # lru, lfu, consistency
 #: Tokens of history the consistency policy counts (window = tokens x MoE layers x k accesses).
 CONSISTENCY_WINDOW_TOKENS = 4
-DEFAULT_IO_WORKERS = 2
+#: I/O threads: 4 reads in flight gave the best O_DIRECT bandwidth for expert-sized reads here
+#: (bench/results/io_depth.json: median 0.92 / 1.39 / 1.58 / 1.50 GB/s with 1 / 2 / 4 / 8).
+DEFAULT_IO_WORKERS = 4
 
 # Legend: H hidden, I expert intermediate.
 
@@ -211,7 +214,9 @@ class StreamingExperts:
                                           precision_policy=precision_policy, verify=self._verify,
                                           staging=self.staging)
         self.max_experts_per_acquire = n_slots if self.layout.in_place else min(n_slots, top_k)
-        n_scratch = 0 if self.layout.in_place else self.max_experts_per_acquire
+        # nested codecs on the CPU: the native kernel computes from the plane buffers, no fp32 scratch
+        self._native = native_kernels.nested_views_for(self.layout.codec, self.device)
+        n_scratch = 0 if self.layout.in_place or self._native is not None else self.max_experts_per_acquire
         h, i = self.layout.hidden, self.layout.inter
         self._scratch = [(torch.empty(2 * i, h, device=self.device), torch.empty(h, i, device=self.device))
                          for _ in range(n_scratch)]
@@ -248,7 +253,13 @@ class StreamingExperts:
         return {e: self._top[(layer, e)] if cap is None else min(cap, self._top[(layer, e)]) for e in expert_ids}
 
     def _decode(self, layer: int, expert: int, level: int, buffers: list[np.ndarray]) -> ExpertView:
-        """Tensors over the slot bytes (in place for fp32 layouts, else decoded/widened into scratch)."""
+        """Tensors over the slot bytes (in place for fp32 layouts, else decoded/widened into scratch).
+
+        Nested codecs with the native kernels: a :class:`~moestream.engine.native_kernels.NestedPlaneView`
+        over the plane buffers themselves (nothing decoded; valid until release).
+        """
+        if self._native is not None:
+            return self._native.view(buffers, level)
         t = self.reader.decode_expert_planes(layer, expert, buffers)
         gate, up, down = t["gate_proj"], t["up_proj"], t["down_proj"]
         i, h = gate.shape
@@ -307,7 +318,8 @@ class StreamingExperts:
         s = self.cache.stats()
         s.update(provider="streaming", hints=self._hints, acquires=self._acquires, capacity_retries=self._retries,
                  arena_slots=sum(self.arena.slot_counts), experts_total=self.n_experts_total,
-                 in_place_views=self.layout.in_place, plan=self.plan.as_dict())
+                 in_place_views=self.layout.in_place, native_nested_kernel=self._native is not None,
+                 plan=self.plan.as_dict())
         return s
 
     def close(self) -> None:
@@ -326,16 +338,18 @@ def _largest_dense_bytes(reader: ShardedModel) -> int:
     return max((reader.dense_record(n).nbytes for n in reader.dense_names()), default=0)
 
 
-def shard_footprint(reader: ShardedModel, ctx: int) -> ModelFootprint:
+def shard_footprint(reader: ShardedModel, ctx: int, device: torch.device | str = "cpu") -> ModelFootprint:
     """The footprint of a shard model at context ``ctx`` (reads headers, plus one expert for nested codecs).
 
     Decode scratch: none when fp32 experts are used in place; else top-k fp32 experts, plus one being
-    decoded for nested/GGML codecs (the codec's output before it is copied into scratch).
+    decoded for nested/GGML codecs (the codec's output before it is copied into scratch); none for nested
+    codecs served by the native kernels on the CPU (``device``), which compute from the arena bytes.
     """
     layout = expert_layout(reader)
     planes = PlaneSizes.of(reader)
     top_k = _top_k(reader)
-    scratch = 0 if layout.in_place else top_k + (0 if layout.codec == C.CODEC_NONE else 1)
+    native = native_kernels.serves(layout.codec, device)
+    scratch = 0 if layout.in_place or native else top_k + (0 if layout.codec == C.CODEC_NONE else 1)
     return model_footprint(reader.model_type, reader.config, planes.level_bytes, ctx,
                            largest_dense_stored_bytes=_largest_dense_bytes(reader), scratch_experts=scratch,
                            expert_plane_bytes=planes.nbytes, experts_per_plane=planes.counts)
@@ -454,7 +468,7 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
     reader = ShardedModel.open(path, verify=verify)
     try:
         ctx = default_ctx(reader.config, ctx)
-        fp = shard_footprint(reader, ctx)
+        fp = shard_footprint(reader, ctx, device)
         plan = plan_for(fp, budget, precision_policy=precision_policy)
         log.info("memory plan: budget %s = resident %s + KV %s + workspace %s + I/O %s + expert arena %s "
                  "(minimum %s)", format_bytes(budget), format_bytes(plan.resident_bytes), format_bytes(plan.kv_bytes),
