@@ -5,7 +5,9 @@ Owns (definitions: /work/shared/specs/compression.md):
 - :func:`tokenize_windows` — calibration text -> token windows (HF ``tokenizer.json``),
   with a clear error when the text is too short;
 - :func:`collect_stats` — streams the windows through a model (one window per
-  forward) and, per MoE layer and expert, accumulates activation frequency,
+  forward; or, given a layer-streaming runner, every window through one
+  decoder layer at a time, :class:`LayerObserver` — identical results) and,
+  per MoE layer and expert, accumulates activation frequency,
   summed gate weight ``Σ g`` (g = the router weight renormalised over the
   token's top-k), EAN ``Σ ‖f(x)‖``, the REAP sum ``Σ g·‖f(x)‖``, the
   per-channel second moments diag(XᵀX) of the expert's inputs (gate/up input
@@ -26,7 +28,10 @@ the caller builds the model. The measurement wraps the model's expert
 provider for the duration of :func:`collect_stats` and restores it after.
 The forward itself runs on whatever provider the caller loaded (the
 reference resident provider holds every expert; the per-level measurement
-holds one layer's encodings beyond that).
+holds one layer's encodings beyond that). The converter's CLI passes the
+layer-streaming runner (``engine/streamed_calibration.py``: one layer's dense
+weights and one expert in memory), so calibration memory does not grow with
+the model.
 
 Knows nothing about shard files, the scheduler or tokenizer chat templates.
 """
@@ -230,7 +235,9 @@ class _Recorder:
     def hook(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
         self.routing[layer] = (ids.detach(), weights.detach().float())
 
-    def observe(self, layer: int, expert: int, view: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    def observe(self, layer: int, expert: int, view: Any, x: torch.Tensor, y: torch.Tensor,
+                keys: np.ndarray | None = None) -> None:
+        """Accumulate one expert call; ``keys`` are the reservoir keys of its rows (default: the next draws)."""
         ids, w = self.routing[layer]
         hit = ids == expert  # [N, k]
         rows = torch.nonzero(hit.any(dim=1)).flatten()
@@ -248,10 +255,9 @@ class _Recorder:
         st.act_in[expert] += (xf * xf).sum(dim=0).double().numpy()
         h = F.silu(F.linear(xf, view.gate.float())) * F.linear(xf, view.up.float())  # [n, I]
         st.act_mid[expert] += (h * h).sum(dim=0).double().numpy()
-        self._sample(st, expert, xf.numpy())
+        self._sample(st, expert, xf.numpy(), self.rng.random(x.shape[0]) if keys is None else keys)
 
-    def _sample(self, st: LayerStats, expert: int, rows: np.ndarray) -> None:
-        keys = self.rng.random(rows.shape[0])
+    def _sample(self, st: LayerStats, expert: int, rows: np.ndarray, keys: np.ndarray) -> None:
         if expert in st.samples:
             rows = np.concatenate([st.samples[expert], rows])
             keys = np.concatenate([st._keys[expert], keys])
@@ -302,22 +308,36 @@ def _moe_shape(model: Any, layer: int) -> tuple[int, int, int]:
 
 
 def collect_stats(model: Any, windows: Iterable[Sequence[int]], max_samples: int = DEFAULT_MAX_SAMPLES,
-                  seed: int = 0, progress: Callable[[int], None] | None = None) -> CalibrationResult:
+                  seed: int = 0, progress: Callable[[int], None] | None = None,
+                  on_layer: Callable[[CalibrationResult, int], None] | None = None) -> CalibrationResult:
     """Run the windows through ``model`` (no KV cache, one window per forward) and record expert statistics.
 
     Args:
-        model: an engine ``MoECausalLM`` with an expert provider (duck-typed, see module docstring).
+        model: an engine ``MoECausalLM`` with an expert provider (duck-typed, see module docstring), or a
+            layer-streaming runner (anything with ``stream_layers``, see :class:`LayerObserver`): then every
+            window passes layer 0, then layer 1, ... and only one layer's weights are loaded at a time. Both
+            give identical results.
         windows: token-id windows (:func:`split_windows`).
-        max_samples: input rows kept per expert for :func:`measure_level_errors`.
+        max_samples: input rows kept per expert for :func:`measure_level_errors` (0: none; they take
+            ``max_samples × hidden × 4`` bytes per expert).
         seed: sampling seed (the reservoir).
-        progress: called with the token count after each window.
+        progress: called with the token count after each window (streamed: after each layer, with the
+            tokens that layer has processed so far over all layers).
+        on_layer: ``(result, layer)`` called once a MoE layer's statistics are complete (streamed: right
+            after that layer; whole model: after all windows, layer by layer) — e.g. to measure its level
+            errors and drop its samples (:func:`measure_level_errors` with ``layers`` and ``drop_samples``).
 
     Returns:
-        The statistics (no level errors yet).
+        The statistics (no level errors unless ``on_layer`` measured them).
 
     Raises:
         CalibrationError: no windows.
     """
+    windows = [list(w) for w in windows]
+    if not windows:
+        raise CalibrationError("no calibration windows; pass a longer --calib file")
+    if hasattr(model, "stream_layers"):
+        return _collect_streamed(model, windows, max_samples, seed, progress, on_layer)
     layers = list(model.moe_layers())
     stats = {layer: LayerStats(*_moe_shape(model, layer)) for layer in layers}
     rec = _Recorder(stats, max_samples, seed)
@@ -336,10 +356,100 @@ def collect_stats(model: Any, windows: Iterable[Sequence[int]], max_samples: int
     finally:
         model.remove_routing_hook(rec.hook)
         model.set_expert_provider(inner)
-    if n == 0:
-        raise CalibrationError("no calibration windows; pass a longer --calib file")
     top_k = int(model.args.top_k)
-    return CalibrationResult(stats, tokens, n, top_k)
+    result = CalibrationResult(stats, tokens, n, top_k)
+    for layer in layers:
+        if on_layer:
+            on_layer(result, layer)
+    return result
+
+
+class LayerObserver:
+    """What a layer-streaming runner reports to; the runner's side of the contract.
+
+    A runner (``engine/streamed_calibration.py``) exposes ``model`` (the model skeleton: ``args``,
+    ``moe_layers()``, ``model.layers[i].mlp.num_experts`` / ``.top_k``) and
+    ``stream_layers(windows, observer)``, which for each decoder layer in order runs every window
+    through it and, for a MoE layer, calls :meth:`begin_layer`, then :meth:`routing` once per window in
+    window order (the router's ``[T, k]`` ids and weights, as a routing hook sees them), then
+    :meth:`expert` once per (expert, window) that window routes to the expert — experts in increasing
+    id, and for each expert the windows in order — with exactly the rows and output the whole-model
+    forward gives that expert in that window, then :meth:`end_layer`.
+
+    The statistics then equal the whole-model ones: each (layer, expert) accumulates the same values
+    in the same window order, and the reservoir keys of a call are the draws the whole-model run would
+    make there (its draws go window by window, layer by layer, experts in increasing id; every token
+    takes k draws per MoE layer), taken from the seeded stream at that position.
+    """
+
+    def __init__(self, rec: _Recorder, windows: Sequence[Sequence[int]], layer_k: Mapping[int, int], seed: int,
+                 progress: Callable[[int], None] | None, on_layer: Callable[[int], None] | None) -> None:
+        self.rec, self.seed, self.progress, self.on_layer = rec, seed, progress, on_layer
+        self.lengths = [len(w) for w in windows]
+        self.layer_k = dict(layer_k)
+        per_token = sum(self.layer_k.values())
+        self.window_base = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64) * per_token
+        self.layer_base = {}
+        acc = 0
+        for layer in sorted(self.layer_k):
+            self.layer_base[layer] = acc
+            acc += self.layer_k[layer]
+        self.tokens_done = 0
+        self._routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._keys: dict[int, np.ndarray] = {}
+        self._key_offset: dict[int, dict[int, int]] = {}
+
+    def begin_layer(self, layer: int) -> None:
+        """A MoE layer starts."""
+        self._routing, self._keys, self._key_offset = {}, {}, {}
+
+    def routing(self, layer: int, window: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Window ``window``'s routing in ``layer`` (``[T, k]``)."""
+        t, k = ids.shape
+        if (t, k) != (self.lengths[window], self.layer_k[layer]):
+            raise RuntimeError(f"calibration: layer {layer} window {window} routed {t} tokens to {k} experts each, "
+                               f"expected {self.lengths[window]} x {self.layer_k[layer]}")
+        self._routing[window] = (ids.detach(), weights.detach().float())
+        start = int(self.window_base[window]) + self.lengths[window] * self.layer_base[layer]
+        gen = np.random.Generator(np.random.PCG64(self.seed))  # == default_rng(seed); one draw per key
+        gen.bit_generator.advance(start)
+        self._keys[window] = gen.random(t * k)
+        counts = torch.bincount(ids.reshape(-1)).tolist()  # rows per expert (a token picks distinct experts)
+        offsets, acc = {}, 0
+        for e, c in enumerate(counts):
+            if c:
+                offsets[e] = acc
+                acc += c
+        self._key_offset[window] = offsets
+
+    def expert(self, layer: int, window: int, expert: int, view: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One expert call: ``x [n, H]`` the rows window ``window`` sends to ``expert``, ``y`` its output."""
+        self.rec.routing[layer] = self._routing[window]
+        off = self._key_offset[window][expert]
+        self.rec.observe(layer, expert, view, x, y, keys=self._keys[window][off:off + x.shape[0]])
+
+    def end_layer(self, layer: int) -> None:
+        """The MoE layer is done: its statistics are final."""
+        self.tokens_done += sum(self.lengths)
+        if self.progress:
+            self.progress(self.tokens_done)
+        if self.on_layer:
+            self.on_layer(layer)
+
+
+def _collect_streamed(runner: Any, windows: list[list[int]], max_samples: int, seed: int,
+                      progress: Callable[[int], None] | None,
+                      on_layer: Callable[[CalibrationResult, int], None] | None) -> CalibrationResult:
+    model = runner.model
+    layers = list(model.moe_layers())
+    stats = {layer: LayerStats(*_moe_shape(model, layer)) for layer in layers}
+    result = CalibrationResult(stats, sum(len(w) for w in windows), len(windows), int(model.args.top_k))
+    layer_k = {layer: int(model.model.layers[layer].mlp.top_k) for layer in layers}
+    obs = LayerObserver(_Recorder(stats, max_samples, seed), windows, layer_k, seed, progress,
+                        (lambda layer: on_layer(result, layer)) if on_layer else None)
+    with torch.no_grad():
+        runner.stream_layers(windows, obs)
+    return result
 
 
 # ------------------------------------------------------------------------------------ level errors
@@ -349,7 +459,8 @@ def _ffn(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tens
 
 def measure_level_errors(result: CalibrationResult, expert_weights: Callable[[int, int], Mapping[str, torch.Tensor]],
                          nested: Any, experts: Mapping[int, Sequence[int]] | None = None,
-                         progress: Callable[[int, int], None] | None = None) -> CalibrationResult:
+                         progress: Callable[[int, int], None] | None = None, layers: Sequence[int] | None = None,
+                         drop_samples: bool = False) -> CalibrationResult:
     """ε per (expert, level): mean over sampled inputs of ‖f_level(x) − f(x)‖², one layer at a time.
 
     Args:
@@ -359,12 +470,16 @@ def measure_level_errors(result: CalibrationResult, expert_weights: Callable[[in
             each expert is encoded with its own activation scales).
         experts: layer -> source expert ids to measure (default all); others get ε = 0 rows.
         progress: called with (layer, experts done).
+        layers: measure only these MoE layers (default all).
+        drop_samples: free each measured layer's input samples afterwards.
 
     Returns:
         ``result`` with ``errors`` filled (``[E, L]`` per layer) and ``errors_codec`` set.
     """
     L = nested.n_levels()
     for layer, st in result.layers.items():
+        if layers is not None and layer not in layers:
+            continue
         ids = list(range(st.n_experts)) if experts is None or layer not in experts else list(experts[layer])
         err = np.zeros((st.n_experts, L), dtype=np.float64)
         pooled = [s for s in st.samples.values() if len(s)]
@@ -384,5 +499,8 @@ def measure_level_errors(result: CalibrationResult, expert_weights: Callable[[in
             if progress:
                 progress(layer, done + 1)
         result.errors[layer] = err
+        if drop_samples:
+            st.samples.clear()
+            st._keys.clear()
     result.errors_codec = nested.name
     return result

@@ -229,7 +229,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"wrote {len(paths)} shard(s), {format_bytes(total)}: {paths[0]}")
         return 0
     from moestream.convert.compress import CompressOptions, compress_checkpoint
-    from moestream.engine.compressed_models import load_calibration_model
+    from moestream.engine.compressed_models import load_calibration_stream
 
     opts = CompressOptions(codec=args.codec, group_size=args.group_size, prune=args.prune, criterion=args.criterion,
                            prune_mode=args.prune_mode, top_k=_parse_top_k(args.top_k), size_budget=args.size_budget,
@@ -242,7 +242,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if opts.needs_calibration or opts.codec not in ("none", "gguf_q8_0", "gguf_q4_0"):
         windows = calibration_windows(args.hf_dir, args.calib, args.calib_windows, args.calib_seq_len)
     try:
-        paths, record = compress_checkpoint(args.hf_dir, args.out_dir, opts, model_loader=load_calibration_model,
+        paths, record = compress_checkpoint(args.hf_dir, args.out_dir, opts, model_loader=load_calibration_stream,
                                             windows=windows, max_shard_size=args.max_shard_size, progress=progress,
                                             overwrite=args.force, resume=getattr(args, "resume", True))
     except ValueError as exc:

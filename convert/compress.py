@@ -159,11 +159,22 @@ def build_codec(opts: CompressOptions):
 
 
 def calibrate(ckpt: HFCheckpoint, model_loader: Callable[[Path], Any], windows: Sequence[Sequence[int]],
-              progress: bool = False) -> CalibrationResult:
-    """Load the model with ``model_loader(path)`` and collect routing statistics on ``windows``."""
+              progress: bool = False, level_codec: NestedExpertCodec | None = None) -> CalibrationResult:
+    """Load the model with ``model_loader(path)`` and collect routing statistics on ``windows``.
+
+    With ``level_codec`` (bit allocation needs ε per level) each MoE layer's level errors are measured
+    as soon as its statistics are complete and its sampled inputs dropped; without it no input samples
+    are kept (they are only used for the level errors).
+    """
     model = model_loader(ckpt.path)
     try:
-        return collect_stats(model, windows)
+        if level_codec is None:
+            return collect_stats(model, windows, max_samples=0)
+
+        def measure(result: CalibrationResult, layer: int) -> None:
+            measure_level_errors(result, _expert_reader(ckpt), level_codec, layers=[layer], drop_samples=True)
+
+        return collect_stats(model, windows, on_layer=measure)
     finally:
         del model
 
@@ -311,7 +322,9 @@ def compress_checkpoint(hf_dir: str | Path, out_dir: str | Path, opts: CompressO
         if calibration is None and windows is not None and (opts.needs_calibration or opts.codec in CODEC_IDS):
             if model_loader is None:
                 raise MoestreamError("calibration needs a model loader (the CLI passes the engine's)")
-            calibration = calibrate(ckpt, model_loader, windows, progress)
+            codec = build_codec(opts) if opts.size_budget is not None else None
+            calibration = calibrate(ckpt, model_loader, windows, progress,
+                                    level_codec=codec if isinstance(codec, NestedExpertCodec) else None)
         plan, record = plan_compression(ckpt, opts, calibration)
         out = Path(out_dir)
         _prepare_out_dir(out, stem, overwrite)

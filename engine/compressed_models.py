@@ -3,7 +3,9 @@
 Owns :func:`load_eval_model` (an HF folder, or a moestream shard model of any
 codec — ``none``, nested ``matryoshka*``/``residual``, ``gguf_q8_0``/``gguf_q4_0`` —
 with every expert decoded to fp32 and resident, each capped at a level) and
-:func:`load_calibration_model` (the HF reference the converter calibrates on).
+:func:`load_calibration_model` (the HF reference, every expert resident) and
+:func:`load_calibration_stream` (the same model run layer by layer: what the
+converter calibrates on).
 These are the model loaders the converter's library functions
 (``convert/compress.py``, ``convert/quality.py``) take as arguments: convert/
 imports nothing of the engine, the CLI wrappers pass these in.
@@ -18,7 +20,7 @@ streaming path decodes the same planes through the same registered decoders).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -26,12 +28,30 @@ from moestream.convert.errors import ModelFormatError
 from moestream.engine.experts import ResidentExperts
 from moestream.engine.models.base import MoECausalLM
 
+if TYPE_CHECKING:  # pragma: no cover
+    from moestream.engine.streamed_calibration import LayerStreamedModel
+
 
 def load_calibration_model(path: str | Path) -> MoECausalLM:
-    """The HF model with every expert resident in fp32 (for ``collect_stats``)."""
+    """The HF model with every expert resident in fp32 (for ``collect_stats``; memory: the whole model)."""
     from moestream.engine.hf_loading import load_hf_model
 
     return load_hf_model(path)[0]
+
+
+def load_calibration_stream(path: str | Path) -> "LayerStreamedModel":
+    """The converter's calibration loader: the HF model run layer by layer (``collect_stats`` streams it).
+
+    Holds one decoder layer's dense weights and one routed expert at a time, plus the calibration
+    windows' hidden states; statistics are identical to :func:`load_calibration_model`'s
+    (engine/streamed_calibration.py).
+
+    Raises:
+        ModelFormatError / UnsupportedModelError: unreadable or unsupported model.
+    """
+    from moestream.engine.streamed_calibration import LayerStreamedModel
+
+    return LayerStreamedModel(path)
 
 
 def is_shard_model(path: str | Path) -> bool:
