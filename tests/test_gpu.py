@@ -23,51 +23,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from runtime_model import build_runtime_model, subprocess_env  # noqa: E402
+from runtime_model import subprocess_env  # noqa: E402
+from streaming_helpers import CTX, budgets, build_converted, run_logits  # noqa: E402
 
-from moestream.convert.convert import convert_checkpoint  # noqa: E402
-from moestream.convert.shard_reader import ShardedModel  # noqa: E402
 from moestream.engine.api import Engine  # noqa: E402
 from moestream.engine.hf_loading import load_hf_model  # noqa: E402
-from moestream.engine.planning import all_experts_arena_bytes, min_streaming_budget  # noqa: E402
-from moestream.engine.streaming import (StreamingExperts, load_resident_shard_model,  # noqa: E402
-                                        load_streaming_model, shard_footprint)
+from moestream.engine.streaming import StreamingExperts, load_resident_shard_model, load_streaming_model  # noqa: E402
 
 MPS = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 DEVICES = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", MPS)) if ok]
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not DEVICES, reason="needs a CUDA or MPS device (run on a GPU machine)")]
-CTX = 64
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu")
-    hf = build_runtime_model(root / "hf")
-    out = {"hf": hf}
-    for dtype in ("f32", "f16"):
-        out[dtype] = root / f"shards_{dtype}"
-        convert_checkpoint(hf, out[dtype], dtype=dtype, progress=False)
-    return out
-
-
-def run_logits(model, ids: torch.Tensor, prefill: int, device: str) -> torch.Tensor:
-    """Prefill ``ids[:, :prefill]`` then decode the rest one token at a time; all logits (on the CPU)."""
-    ids = ids.to(device)
-    cache = model.make_cache(1, CTX, device=device)
-    with torch.no_grad():
-        outs = [model(ids[:, :prefill], cache)]
-        for t in range(prefill, ids.shape[1]):
-            outs.append(model(ids[:, t:t + 1], cache))
-    return torch.cat(outs, dim=1).cpu()
-
-
-def budgets(path) -> tuple[int, int, int]:
-    with ShardedModel.open(path, verify="off") as r:
-        fp = shard_footprint(r, CTX)
-    low = min_streaming_budget(fp)
-    full = low + all_experts_arena_bytes(fp)
-    return low, (low + full) // 2, full
+    return build_converted(tmp_path_factory.mktemp("gpu"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -95,7 +66,7 @@ def test_streamed_arena_on_device_bit_exact_vs_resident(models, device, dtype):
         ref_model, _, _ = load_resident_shard_model(models[dtype])
     ref_model.to(device)
     ref_model.expert_provider.to(device)
-    ref = run_logits(ref_model, ids, 16, device)
+    ref = run_logits(ref_model, ids, 16, device=device)
     for budget in budgets(models[dtype]):
         loaded = load_streaming_model(models[dtype], memory=budget, ctx=CTX, device=device)
         loaded.model.to(device)
@@ -103,7 +74,7 @@ def test_streamed_arena_on_device_bit_exact_vs_resident(models, device, dtype):
         assert isinstance(provider, StreamingExperts)
         try:
             assert provider.arena.buffer.device.type == device  # the arena is device memory
-            got = run_logits(loaded.model, ids, 16, device)
+            got = run_logits(loaded.model, ids, 16, device=device)
             assert torch.equal(got, ref), (dtype, budget, (got - ref).abs().max())
             st = provider.stats()
             assert st["totals"]["misses"] > 0 and st["loader"]["bytes_read"] > 0

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from runtime_model import build_runtime_model  # noqa: E402
+from streaming_helpers import CTX, budgets, build_converted, run_logits  # noqa: E402
 from tiny_models import build_tiny_hf_model  # noqa: E402
 
 from moestream.convert.convert import convert_checkpoint  # noqa: E402
@@ -26,41 +26,15 @@ from moestream.convert.errors import BudgetError  # noqa: E402
 from moestream.convert.shard_reader import ShardedModel  # noqa: E402
 from moestream.engine.api import Engine  # noqa: E402
 from moestream.engine.hf_loading import load_hf_model  # noqa: E402
-from moestream.engine.planning import all_experts_arena_bytes, min_streaming_budget, model_footprint  # noqa: E402
-from moestream.engine.streaming import (StreamingExperts, load_resident_shard_model,  # noqa: E402
-                                        load_streaming_model, shard_footprint)
+from moestream.engine.planning import model_footprint  # noqa: E402
+from moestream.engine.streaming import StreamingExperts, load_resident_shard_model, load_streaming_model  # noqa: E402
 
 torch.set_num_threads(1)
-CTX = 64
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("streaming")
-    hf = build_runtime_model(root / "hf")
-    out = {"hf": hf}
-    for dtype in ("f32", "f16"):
-        out[dtype] = root / f"shards_{dtype}"
-        convert_checkpoint(hf, out[dtype], dtype=dtype, progress=False)
-    return out
-
-
-def budgets(path) -> tuple[int, int, int]:
-    with ShardedModel.open(path, verify="off") as r:
-        fp = shard_footprint(r, CTX)
-    low = min_streaming_budget(fp)
-    full = low + all_experts_arena_bytes(fp)
-    return low, (low + full) // 2, full
-
-
-def run_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
-    """Prefill ``ids[:, :prefill]`` then decode the rest one token at a time; all logits."""
-    cache = model.make_cache(1, CTX)
-    with torch.no_grad():
-        outs = [model(ids[:, :prefill], cache)]
-        for t in range(prefill, ids.shape[1]):
-            outs.append(model(ids[:, t:t + 1], cache))
-    return torch.cat(outs, dim=1)
+    return build_converted(tmp_path_factory.mktemp("streaming"))
 
 
 def reference(models, dtype):
