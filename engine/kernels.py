@@ -20,6 +20,10 @@ Kernels (all CPU; each equals dequantize-then-matmul within fp32 rounding):
                     rank-G correction for the zero points).
 * ``int4_planes`` — residual levels as Σ over the base and each sign plane of an int4
                     matmul (a sign plane is codes {0,1}, scale 2s, zero −s).
+* ``native``      — the C kernel of ``engine/native_kernels.py``: computes straight from the
+                    stored planes, scales and zeros (no unpacked copy; the bytes held are the
+                    stored bytes), any matryoshka / residual level; available when a C compiler
+                    built it (``MOESTREAM_NATIVE_KERNELS=0`` turns it off).
 
 Knows nothing about files, the scheduler or model families: it consumes
 ``moestream.convert.codecs`` records and fp32 activations.
@@ -37,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from moestream.convert.codecs import EXPERT_PROJS, EncodedTensor, MatryoshkaCodec, ResidualCodec
+from moestream.engine import native_kernels
 
 # Legend: M tokens, K input features of a projection, N output features, G groups along K.
 
@@ -87,6 +92,8 @@ def _tensors(obj: Any):
         yield obj
     elif isinstance(obj, np.ndarray):
         yield torch.from_numpy(np.ascontiguousarray(obj))
+    elif isinstance(obj, native_kernels.Operand):
+        yield from _tensors(obj.arrays)
     elif isinstance(obj, EncodedTensor):
         for seg in obj.segments:
             for a in seg.values():
@@ -301,11 +308,31 @@ def _lin_int4_planes(d: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+# --------------------------------------------------------------------------- native (C, from the stored planes)
+def _sup_native(enc: EncodedTensor, level: int) -> str | None:
+    if (why := _any_level(enc, level)) is not None:
+        return why
+    if enc.codec not in native_kernels.NESTED_CODECS:
+        return f"native runs {', '.join(native_kernels.NESTED_CODECS)}, not {enc.codec}"
+    if not native_kernels.available():
+        return f"native kernels not built (no C compiler, or {native_kernels.ENV_SWITCH}=0)"
+    return None
+
+
+def _prep_native(enc: EncodedTensor, level: int) -> native_kernels.Operand:
+    return native_kernels.encoded_operand(enc, level)
+
+
+def _lin_native(op: native_kernels.Operand, x: torch.Tensor) -> torch.Tensor:
+    return native_kernels.linear(op, x)
+
+
 register_kernel(Kernel("fp32", _any_level, _prep_fp32, _lin_fp32))
 register_kernel(Kernel("dequant", _any_level, _prep_dequant, _lin_dequant))
 register_kernel(Kernel("int4", _sup_int4, _prep_int4, _lin_int4))
 register_kernel(Kernel("int8", _sup_int8, _prep_int8, _lin_int8))
 register_kernel(Kernel("int4_planes", _sup_int4_planes, _prep_int4_planes, _lin_int4_planes))
+register_kernel(Kernel("native", _sup_native, _prep_native, _lin_native))
 
 #: Measured preference per codec family for decode (batch < PREFILL_BATCH) and prefill;
 #: the first supported entry wins. From bench/results/kernels_microbench.md (AMD EPYC, AVX2,
