@@ -405,7 +405,6 @@ static inline __attribute__((always_inline)) void row_blk(const proj_t *p, int64
     __m256 tot[8], acc[8][8];
     for (int m = 0; m < MB; m++) tot[m] = _mm256_setzero_ps();
     const __m256i capv = _mm256_set1_epi32((int)p->cap), one = _mm256_set1_epi32(1);
-    const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
     for (int64_t g = 0; g < G; g++) {
         const int64_t ng = n * G + g;
         const float a = scale_at(p->scale, ng, 0);
@@ -416,6 +415,24 @@ static inline __attribute__((always_inline)) void row_blk(const proj_t *p, int64
         __m256 ps[MAXP];
         if (kind == KIND_RESIDUAL)
             for (int j = 1; j < np; j++) ps[j] = _mm256_set1_ps(scale_at(p->pscale[j], ng, 0));
+        /* planes of <= 2 bits are looked up (vpermilps on the code's low bits) instead of converted:
+         * floor: the exact integer (v << at) + offset for plane 0, v << at for the others;
+         * residual: (v - z1)·s1 for the base (the decode's own fp32 ops), ∓s_k for sign planes */
+        __m256 tab[MAXP];
+        for (int j = 0; j < np; j++) {
+            if (bits[j] > 2 || kind == KIND_ROUND) continue;
+            float t[4];
+            for (int v = 0; v < 4; v++) {
+                const int c = v & ((1 << bits[j]) - 1);
+                if (kind == KIND_FLOOR)
+                    t[v] = (float)((c << (pos[j] + shift)) + (j == 0 ? (int)p->centre - (int)p->zero[ng] : 0));
+                else if (j == 0)
+                    t[v] = ((float)c - (float)p->zero[ng]) * a;
+                else
+                    t[v] = c ? _mm256_cvtss_f32(ps[j]) : -_mm256_cvtss_f32(ps[j]);
+            }
+            tab[j] = _mm256_setr_ps(t[0], t[1], t[2], t[3], t[0], t[1], t[2], t[3]);
+        }
         for (int u = 0; u < UNR; u++)
             for (int m = 0; m < MB; m++) acc[u][m] = _mm256_setzero_ps();
         for (int64_t blk = g * bpg; blk < (g + 1) * bpg; blk++) {
@@ -430,11 +447,23 @@ static inline __attribute__((always_inline)) void row_blk(const proj_t *p, int64
             for (int s = 0; s < 8; s++) {
                 __m256 w;
                 if (kind == KIND_RESIDUAL) {
-                    w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(code_s(lo[0], hi[0], bits[0], s, 0)), av, bv);
-                    for (int j = 1; j < np; j++) { /* bit 1: +s_k, bit 0: -s_k */
-                        const __m256i sg = _mm256_andnot_si256(shr_any(lo[j], s - 31), sign);
-                        w = _mm256_add_ps(w, _mm256_xor_ps(ps[j], _mm256_castsi256_ps(sg)));
+                    w = bits[0] <= 2 ? _mm256_permutevar_ps(tab[0], shr_any(lo[0], bits[0] * s))
+                                     : _mm256_fmadd_ps(_mm256_cvtepi32_ps(code_s(lo[0], hi[0], bits[0], s, 0)), av, bv);
+                    for (int j = 1; j < np; j++) /* bit 1: +s_k, bit 0: -s_k */
+                        w = _mm256_add_ps(w, _mm256_permutevar_ps(tab[j], shr_any(lo[j], s)));
+                } else if (kind == KIND_FLOOR && bits[0] <= 2) {
+                    w = _mm256_permutevar_ps(tab[0], shr_any(lo[0], bits[0] * s));
+                    __m256i mi = _mm256_setzero_si256();
+                    int ints = 0;
+                    for (int j = 1; j < np; j++) {
+                        if (bits[j] <= 2) {
+                            w = _mm256_add_ps(w, _mm256_permutevar_ps(tab[j], shr_any(lo[j], bits[j] * s)));
+                        } else {
+                            mi = _mm256_or_si256(mi, code_s(lo[j], hi[j], bits[j], s, pos[j] + shift));
+                            ints = 1;
+                        }
                     }
+                    if (ints) w = _mm256_add_ps(w, _mm256_cvtepi32_ps(mi));
                 } else if (kind == KIND_FLOOR) {
                     __m256i m = code_s(lo[0], hi[0], bits[0], s, pos[0] + shift);
                     for (int j = 1; j < np; j++) m = _mm256_or_si256(m, code_s(lo[j], hi[j], bits[j], s, pos[j] + shift));

@@ -1,0 +1,239 @@
+"""Microbenchmark: one Qwen3-30B-A3B expert projection at each nested level, native kernel vs the rest.
+
+Owns the measurement behind engine/native_kernels.py (issue 9): Y[M, N] = X[M, K] @ Ŵᵀ for the
+expert shapes gate/up [768, 2048] and down [2048, 768], M = 1 (decode) and 16 (a prefill chunk),
+matryoshka_floor levels 2/4/8 bits (group 128), each computed by
+
+* ``native``        — engine/native_kernels.py straight from the stored planes (reads the stored bytes);
+* ``decode+matmul`` — the codec's torch decode into a reused fp32 buffer, then ``F.linear`` (what a
+                      streamed nested expert did on every use before the native kernel);
+* ``dequant``       — engine/kernels.py's dequant kernel (codes held unpacked, 1 B/weight, decoded
+                      into scratch per call, then ``F.linear``);
+* ``fp32``          — ``F.linear`` on fp32 weights (4 B/weight);
+* ``ggml Q4_0/Q8_0``— llama.cpp's own CPU kernels (``ggml_mul_mat`` through llama-cpp-python's
+                      libggml, activations quantized to Q8 as llama.cpp does), when that library loads.
+
+Two cache regimes: ``cold`` cycles over enough copies of the weights (>= 3x the last-level cache)
+that every call reads them from memory, as a streamed or large model does; ``hot`` repeats one copy.
+Cases run in interleaved rounds (shuffled per round) so the shared CPU's noise hits all alike.
+Writes bench/results/native_gemv.json and .md and prints one JSON summary line.
+
+Knows nothing about models or files. Run: ``python -m moestream.bench.native_gemv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moestream.bench.harness import cpu_model
+from moestream.bench.kernels_microbench import git_commit, read_bandwidth
+from moestream.convert.codecs import get_codec
+from moestream.engine import kernels as K
+from moestream.engine import native_kernels as nk
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = ((768, 2048), (2048, 768))  # (N, K): gate/up, down
+GROUP = 128
+LEVEL_BITS = {1: 2, 2: 4, 3: 8}
+
+
+# ------------------------------------------------------------------------------------ ggml (llama.cpp)
+class _GGMLParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+def load_ggml() -> tuple[Any, Any] | None:
+    """(libggml-base, libggml-cpu) from llama-cpp-python, or None when they do not load."""
+    try:
+        import llama_cpp
+
+        d = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+        base = ctypes.CDLL(os.path.join(d, "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+        cpu = ctypes.CDLL(os.path.join(d, "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+    except (ImportError, OSError):
+        return None
+    P = ctypes.c_void_p
+    base.ggml_init.argtypes, base.ggml_init.restype = [_GGMLParams], P
+    base.ggml_new_tensor_2d.argtypes, base.ggml_new_tensor_2d.restype = [P, ctypes.c_int, ctypes.c_int64,
+                                                                         ctypes.c_int64], P
+    base.ggml_mul_mat.argtypes, base.ggml_mul_mat.restype = [P, P, P], P
+    base.ggml_new_graph.argtypes, base.ggml_new_graph.restype = [P], P
+    base.ggml_build_forward_expand.argtypes, base.ggml_build_forward_expand.restype = [P, P], None
+    base.ggml_get_data.argtypes, base.ggml_get_data.restype = [P], P
+    base.ggml_nbytes.argtypes, base.ggml_nbytes.restype = [P], ctypes.c_size_t
+    cpu.ggml_graph_compute_with_ctx.argtypes, cpu.ggml_graph_compute_with_ctx.restype = [P, P, ctypes.c_int], ctypes.c_int
+    cpu.ggml_cpu_init.argtypes, cpu.ggml_cpu_init.restype = [], None
+    cpu.ggml_cpu_init()
+    return base, cpu
+
+
+def ggml_case(libs: tuple[Any, Any], qtype: str, n: int, k: int, x: torch.Tensor, copies: int, threads: int):
+    """Callables computing ``x @ Wᵀ`` with ggml on ``copies`` quantized weight copies (one graph each)."""
+    from gguf import GGMLQuantizationType
+    from gguf import quants
+
+    base, cpu = libs
+    gtype = {"Q4_0": 2, "Q8_0": 8}[qtype]
+    q = quants.quantize((np.random.default_rng(0).standard_normal((n, k)) * 0.02).astype(np.float32),
+                        GGMLQuantizationType[qtype])
+    m = x.shape[0]
+    ctx = base.ggml_init(_GGMLParams(copies * (q.nbytes + 4 * m * (k + n) + 4096) + (64 << 20), None, False))
+    xs = np.ascontiguousarray(x.numpy())
+    graphs = []
+    for _ in range(copies):
+        w = base.ggml_new_tensor_2d(ctx, gtype, k, n)
+        xt = base.ggml_new_tensor_2d(ctx, 0, k, m)
+        assert base.ggml_nbytes(w) == q.nbytes
+        ctypes.memmove(base.ggml_get_data(w), q.ctypes.data, q.nbytes)
+        ctypes.memmove(base.ggml_get_data(xt), xs.ctypes.data, xs.nbytes)
+        g = base.ggml_new_graph(ctx)
+        base.ggml_build_forward_expand(g, base.ggml_mul_mat(ctx, w, xt))
+        graphs.append(g)
+    calls = [(lambda g=g: cpu.ggml_graph_compute_with_ctx(ctx, g, threads)) for g in graphs]
+    return calls, q.nbytes, ctx
+
+
+# ------------------------------------------------------------------------------------ cases
+def build_cases(n: int, k: int, m: int, cold_bytes: int, threads: int, ggml: Any) -> list[dict]:
+    """Every kernel for one shape and token count; each case is a list of zero-argument calls."""
+    rng = np.random.default_rng(n + k + m)
+    codec = get_codec("matryoshka_floor")
+    x = torch.randn(m, k)
+    cases: list[dict] = []
+
+    def add(kernel: str, bits: int, nbytes: int, calls: list[Callable[[], Any]], keep: Any = None) -> None:
+        cases.append({"kernel": kernel, "bits": bits, "N": n, "K": k, "M": m, "bytes_read": nbytes,
+                      "calls": calls, "keep": keep})
+
+    copies = lambda nbytes, cap=1024: max(2, min(cap, -(-cold_bytes // nbytes)))  # noqa: E731
+    wf = torch.randn(n, k) * 0.02
+    fp32 = [wf.clone() for _ in range(copies(wf.numel() * 4))]
+    add("fp32", 32, wf.numel() * 4, [(lambda w=w: F.linear(x, w)) for w in fp32], fp32)
+    scratch = torch.empty(n, k)
+    for level, bits in LEVEL_BITS.items():
+        enc0 = nk.random_encoded(codec, n, k, GROUP, rng)
+        ops = [nk.encoded_operand(nk.random_encoded(codec, n, k, GROUP, rng), level)
+               for _ in range(copies(nk.encoded_operand(enc0, level).nbytes))]
+        add("native", bits, ops[0].nbytes, [(lambda op=op: nk.linear(op, x)) for op in ops], ops)
+        encs = [enc0.truncate(level) for _ in range(copies(enc0.nbytes(level), cap=16))]
+        add("decode+matmul", bits, enc0.nbytes(level),
+            [(lambda e=e, lv=level: F.linear(x, e.torch_decode(lv, out=scratch))) for e in encs], encs)
+        deq = [K.KERNELS["dequant"].prepare(enc0, level) for _ in range(min(len(encs), copies(n * k, cap=16)))]
+        add("dequant", bits, n * k + 8 * n * (k // GROUP),
+            [(lambda d=d: K.KERNELS["dequant"].linear(d, x)) for d in deq], deq)
+    if ggml is not None:
+        for qtype, bits in (("Q4_0", 4), ("Q8_0", 8)):
+            nbytes = n * k * (18 if qtype == "Q4_0" else 34) // 32
+            calls, nbytes, ctx = ggml_case(ggml, qtype, n, k, x, copies(nbytes), threads)
+            add(f"ggml {qtype}", bits, nbytes, calls, ctx)
+    return cases
+
+
+def time_pass(calls: list[Callable[[], Any]], hot: bool, min_calls: int = 8) -> float:
+    """Seconds per call: one pass over the copies (cold) or ``max(min_calls, copies)`` calls on the first (hot)."""
+    seq = [calls[0]] * max(min_calls, len(calls)) if hot else calls
+    t0 = time.perf_counter()
+    for c in seq:
+        c()
+    return (time.perf_counter() - t0) / len(seq)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns the JSON document it writes."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--cold-mb", type=int, default=96, help="bytes cycled per cold case (>= 3x the LLC)")
+    ap.add_argument("--no-ggml", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS / "native_gemv.json")
+    args = ap.parse_args(argv)
+    if not nk.available():
+        raise SystemExit("native kernels are not available (no C compiler, or MOESTREAM_NATIVE_KERNELS=0)")
+    ggml = None if args.no_ggml else load_ggml()
+    load_before = os.getloadavg()
+    bw = read_bandwidth()
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        cases = [c for n, k in SHAPES for m in args.tokens
+                 for c in build_cases(n, k, m, args.cold_mb << 20, threads, ggml)]
+        order = [(c, hot) for c in cases for hot in (False, True)]
+        samples: dict[tuple[int, bool], list[float]] = {(id(c), hot): [] for c, hot in order}
+        for c, hot in order:  # warm-up
+            time_pass(c["calls"][:2], hot, 2)
+        rng = random.Random(threads)
+        for _ in range(args.rounds):
+            rng.shuffle(order)
+            for c, hot in order:
+                samples[(id(c), hot)].append(time_pass(c["calls"], hot))
+        for c in cases:
+            for hot in (False, True):
+                s = samples[(id(c), hot)]
+                med = statistics.median(s)
+                rows.append({k: v for k, v in c.items() if k not in ("calls", "keep")} | {
+                    "threads": threads, "cache": "hot" if hot else "cold", "copies": len(c["calls"]),
+                    "median_us": 1e6 * med, "min_us": 1e6 * min(s), "max_us": 1e6 * max(s),
+                    "GBps_of_bytes_read": c["bytes_read"] / med / 1e9,
+                    "roofline_us": 1e6 * c["bytes_read"] / bw})
+        del cases
+    doc = {"benchmark": "native_gemv", "codec": "matryoshka_floor", "group_size": GROUP,
+           "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__, "cpu_model": cpu_model(),
+           "cpu_count": os.cpu_count(), "git_commit": git_commit(), "loadavg_before": load_before,
+           "loadavg_after": os.getloadavg(), "read_bandwidth_GBps": bw / 1e9, "ggml": ggml is not None,
+           "note": "2 cores shared with other jobs (see loadavg): compare rows of the same run only.",
+           "results": rows, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(doc))
+    print(json.dumps({"benchmark": "native_gemv", "out": str(args.out), "read_bandwidth_GBps": round(bw / 1e9, 2),
+                      "native_vs_fp32_cold_M1": {f"{r['N']}x{r['K']} {r['bits']}b t{r['threads']}":
+                                                 round(_ratio(rows, r, "fp32"), 2) for r in rows
+                                                 if r["kernel"] == "native" and r["M"] == 1 and r["cache"] == "cold"}}))
+    return doc
+
+
+def _ratio(rows: list[dict], r: dict, other: str) -> float:
+    """median time of ``other`` / median time of ``r`` in the same setting (>1: r is faster)."""
+    o = next(x for x in rows if x["kernel"] == other and all(x[k] == r[k] for k in ("N", "K", "M", "threads", "cache")))
+    return o["median_us"] / r["median_us"]
+
+
+def markdown(doc: dict) -> str:
+    """The results as Markdown: one table per (threads, cache)."""
+    rows = doc["results"]
+    out = [f"# Native nested kernel vs fp32 / decode+matmul / ggml — {doc['cpu_model']}, "
+           f"{doc['cpu_count']} cores", "",
+           f"torch {doc['torch']}, commit {doc['git_commit'][:10]}, matryoshka_floor group {doc['group_size']}, "
+           f"{doc['rounds']} interleaved rounds, read bandwidth {doc['read_bandwidth_GBps']:.1f} GB/s, load average "
+           f"before/after {doc['loadavg_before'][0]:.2f}/{doc['loadavg_after'][0]:.2f} (CPU shared with other jobs). "
+           "µs per projection call, median (min–max); `× fp32` = fp32 median / this median (> 1: faster).", ""]
+    for threads in doc["threads"]:
+        for cache in ("cold", "hot"):
+            out += [f"## {threads} thread(s), {cache} weights", "",
+                    "| N×K | M | kernel | bits | MB read | median µs | min–max | GB/s | × fp32 |",
+                    "|---|---:|---|---:|---:|---:|---|---:|---:|"]
+            for r in rows:
+                if r["threads"] != threads or r["cache"] != cache:
+                    continue
+                out.append(f"| {r['N']}×{r['K']} | {r['M']} | {r['kernel']} | {r['bits']} | "
+                           f"{r['bytes_read'] / 1e6:.2f} | {r['median_us']:.0f} | {r['min_us']:.0f}–{r['max_us']:.0f} | "
+                           f"{r['GBps_of_bytes_read']:.1f} | {_ratio(rows, r, 'fp32'):.2f} |")
+            out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
