@@ -340,10 +340,14 @@ register_kernel(Kernel("native", _sup_native, _prep_native, _lin_native))
 #: (median 26-50 ms vs dequant 40-140 ms per expert), at batch 32 it is 5-10x slower than
 #: dequantize + fp32 matmul. int8 (one call per K-group) never wins; kept for 8-bit parity tests.
 #: NOTE: an fp32-inflated expert ("fp32") is faster still (median 5.7 ms) but holds 4 B/weight.
+#: "native" (bench/results/native_gemv.md, same CPU, 1 thread, weights from memory): per projection
+#: at M=1 0.14-0.45 ms for 2/4/8 bits, 1.1-2.5x faster than fp32 F.linear and 2-4x faster than
+#: dequant, holding only the stored bytes; at M=16 MKL's fp32 GEMM on a dequantized copy still wins
+#: (native 0.45-0.66x fp32, dequant 0.6-0.86x), so prefill keeps dequant.
 PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
-    ("matryoshka", "decode"): ("int4", "dequant"),
+    ("matryoshka", "decode"): ("native", "int4", "dequant"),
     ("matryoshka", "prefill"): ("dequant",),
-    ("residual", "decode"): ("int4_planes", "dequant"),
+    ("residual", "decode"): ("native", "int4_planes", "dequant"),
     ("residual", "prefill"): ("dequant",),
 }
 #: Token count from which the prefill preference applies.
