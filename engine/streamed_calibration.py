@@ -20,7 +20,8 @@ drives through its ``stream_layers`` contract (:class:`moestream.convert.calibra
 
 Memory: the windows' hidden states (three ``[tokens, hidden]`` fp32 copies:
 residual stream, MoE input, MoE output), one layer's dense weights and one
-expert — never the whole model, never a whole layer of experts.
+expert — never the whole model, never a whole layer of experts. glibc's
+mmap threshold is fixed at 1 MiB for the process (:func:`_release_large_frees`).
 
 Knows nothing about calibration statistics (the observer does) or the
 shard format.
@@ -91,6 +92,7 @@ class LayerStreamedModel:
         Raises:
             ModelFormatError: a layer's stored weights do not match the family.
         """
+        _release_large_frees()
         ckpt = HFCheckpoint.open(self.path, drop_cache=True)  # page cache: only what is being read
         try:
             with torch.no_grad():
@@ -176,6 +178,23 @@ class LayerStreamedModel:
             xs[w] = x + out.view(x.shape)
             outs[w] = flat[w] = None  # type: ignore[call-overload]
         observer.end_layer(i)
+
+
+def _release_large_frees() -> None:
+    """Make glibc return freed blocks of 1 MiB and more to the kernel (process-wide, glibc only).
+
+    Each expert's weights (tens of MB) are allocated and freed once per expert; glibc's default raises
+    its mmap threshold after such frees and then serves them from the heap, which fragments and keeps
+    growing (measured: +100 MB RSS per layer on a 30B-shaped model, and a higher peak). A fixed
+    threshold keeps big tensors in their own mappings, unmapped on free.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def _expert_slots(ids: torch.Tensor, weights: torch.Tensor, n_experts: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
