@@ -87,8 +87,9 @@ def expert_layout(reader: ShardedModel) -> ExpertLayout:
     """Inspect the first stored expert.
 
     Codec ``none`` (one plane of fp32/f16/bf16 projections) is used in place when fp32 and gate is
-    followed by up; nested (``matryoshka*``, ``residual``) and GGML codecs are decoded per use
-    from their plane buffers into fp32 scratch.
+    followed by up; nested (``matryoshka*``, ``residual``) experts are computed from their plane
+    buffers by the native kernels on the CPU (``engine/native_kernels.py``), else (and GGML codecs)
+    decoded per use from their plane buffers into fp32 scratch.
 
     Raises:
         ModelFormatError: the shards hold no routed experts.

@@ -32,7 +32,7 @@ from moestream.engine import native_kernels as nk
 torch.set_num_threads(1)
 U = 2.0 ** -24
 
-pytestmark = pytest.mark.skipif(not nk.available(), reason="native kernels not built (no C compiler)")
+pytestmark = pytest.mark.skipif(not nk.available(), reason="native kernels unavailable (no C compiler, or MOESTREAM_NATIVE_KERNELS=0)")
 
 CODECS = [
     ("matryoshka_floor", {}),  # 2/2/4-bit planes: levels 2, 4, 8 bits (the default codec)

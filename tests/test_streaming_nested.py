@@ -190,7 +190,7 @@ def test_native_views_hold_no_scratch_and_fallback_is_bit_exact(models, monkeypa
     """Native: views over the plane bytes, no fp32 scratch allocated or planned. Switched off
     (``MOESTREAM_NATIVE_KERNELS=0``): decode into scratch (planned), bit-identical to the resident decode."""
     if not native_kernels.available():
-        pytest.skip("native kernels not built on this machine (no C compiler)")
+        pytest.skip("native kernels unavailable (no C compiler, or MOESTREAM_NATIVE_KERNELS=0)")
     path = models["residual"]
     ref = run_logits(load_eval_model(path)[0], IDS)
     fp_native, _ = footprint(path)
