@@ -10,6 +10,10 @@ search (``MatryoshkaCodec.search_ranges_reference``):
   reference's float32/float64 operations (division, round-half-even, clamp,
   float32 dequantization, float64 square), so only the order of the float64
   sums over a group may differ (by at most ~1e-13 relative);
+- the native backend folds the objective into the kernel and abandons a
+  candidate as soon as its partial objective (a lower bound: every term is
+  >= 0) exceeds the best so far by more than the margin, so it can never be
+  a contender;
 - a group's winner is taken from these sums only when no other candidate
   comes within a safety margin (1e-9 relative) of it; candidates within the
   margin that share the same (scale, zero) have identical exact errors, so
@@ -134,6 +138,154 @@ void mq_candidate_errors(const float *w, const double *h, int64_t n_groups, int6
     }
 }
 
+/* Weighted squared errors of one candidate at L widths for group wg (gs elements), accumulated in blocks of
+   32 elements with the same 8-lane order as mq_candidate_errors. With wts != NULL and a finite `stop`, the
+   candidate is abandoned as soon as its partial objective sum_l wts[l] * e[l] (a lower bound: every term is
+   >= 0) exceeds `stop`; returns 1 then, with that partial objective in *lb, else 0. */
+static int mq_one(const float *wg, const double *hg, const double *ones, int64_t gs, float ak, int32_t zk,
+                  int64_t L, const int32_t *stored, const int32_t *bits, int32_t round_mode,
+                  const double *wts, double stop, double *e, int32_t *q, double *lb)
+{
+    const float zf = (float)zk;
+    double acc[8][8];
+    for (int64_t l = 0; l < L; l++)
+        for (int j = 0; j < 8; j++) acc[l][j] = 0.0;
+    for (int64_t b0 = 0; b0 < gs; b0 += 32) {
+        const int64_t b1 = b0 + 32 < gs ? b0 + 32 : gs;
+        for (int64_t i = b0; i < b1; i++) {
+            float t = rintf(wg[i] / ak) + zf;
+            t = t < 0.0f ? 0.0f : t;
+            t = t > 255.0f ? 255.0f : t;
+            q[i] = (int32_t)t;
+        }
+        for (int64_t l = 0; l < L; l++) {
+            const int32_t s1 = 8 - stored[l], r = bits[l];
+            double A[8];  /* a local copy stays in registers (acc[l] could alias hg) */
+            for (int j = 0; j < 8; j++) A[j] = acc[l][j];
+            if (round_mode && r < 8) {
+                const int32_t s2 = 8 - r, hb = 1 << (7 - r), mx = (1 << r) - 1;
+                const double *hr = hg ? hg : ones;
+                for (int64_t i0 = b0; i0 < b1; i0 += 8) {
+                    for (int j = 0; j < 8; j++) {
+                        int32_t qp = (q[i0 + j] >> s1) << s1;
+                        int32_t sl = (qp + hb) >> s2;
+                        sl = sl > mx ? mx : sl;
+                        float d = wg[i0 + j] - ak * (float)((sl << s2) - zk);
+                        A[j] += hr[i0 + j] * ((double)d * (double)d);
+                    }
+                }
+            } else if (!hg) {
+                const int32_t c = r < 8 ? (1 << (7 - r)) : 0;
+                for (int64_t i0 = b0; i0 < b1; i0 += 8) {
+                    for (int j = 0; j < 8; j++) {
+                        int32_t qp = (q[i0 + j] >> s1) << s1;
+                        float d = wg[i0 + j] - ak * (float)(qp + c - zk);
+                        A[j] += (double)d * (double)d;
+                    }
+                }
+            } else {
+                const int32_t c = r < 8 ? (1 << (7 - r)) : 0;
+                for (int64_t i0 = b0; i0 < b1; i0 += 8) {
+                    for (int j = 0; j < 8; j++) {
+                        int32_t qp = (q[i0 + j] >> s1) << s1;
+                        float d = wg[i0 + j] - ak * (float)(qp + c - zk);
+                        A[j] += hg[i0 + j] * ((double)d * (double)d);
+                    }
+                }
+            }
+            for (int j = 0; j < 8; j++) acc[l][j] = A[j];
+        }
+        if (wts && b1 < gs && stop < INFINITY) {
+            double part = 0.0;
+            for (int64_t l = 0; l < L; l++) {
+                double sl = 0.0;
+                for (int j = 0; j < 8; j++) sl += acc[l][j];
+                part += wts[l] * sl;
+            }
+            if (part > stop) {
+                *lb = part;
+                return 1;
+            }
+        }
+    }
+    for (int64_t l = 0; l < L; l++) {
+        const double *A = acc[l];
+        e[l] = ((A[0] + A[1]) + (A[2] + A[3])) + ((A[4] + A[5]) + (A[6] + A[7]));
+    }
+    return 0;
+}
+
+/* One stage of the range search for groups g0..g1-1: objective sum_l wts[l] * e[l] of K candidates per group
+   (a, z [K, n_groups]), candidates known to lose abandoned early, then the reference's choice: the first
+   candidate at the minimum, `certain` when no candidate with another (a, z) comes within the margin
+   (rel * |obj| + abs) of it. stage 1 (norm_out != NULL): candidate 0 is the min-max range, fully evaluated;
+   wts = lam / max(e0, 1e-30) (normalize) or lam, written to norm_out [n_groups, L]. stage 2 (norm_out ==
+   NULL): wts read from wts_in [n_groups, L]; candidate 0's objective is given in obj0 [n_groups].
+   Outputs best [n], best_obj [n], certain [n]. */
+void mq_search_stage(const float *w, const double *h, int64_t n_groups, int64_t G, int64_t gs, int64_t K,
+                     const float *a, const int32_t *z, int64_t L, const int32_t *stored, const int32_t *bits,
+                     int32_t round_mode, const double *lam, int32_t normalize, double *norm_out,
+                     const double *wts_in, const double *obj0, double rel, double abs_m,
+                     int32_t *best, double *best_obj, uint8_t *certain, int64_t g0, int64_t g1)
+{
+    int32_t q[gs];
+    double ones[gs];
+    for (int64_t i = 0; i < gs; i++) ones[i] = 1.0;
+    double obj[K];
+    double e[8], wts[8], lb = 0.0;
+    for (int64_t g = g0; g < g1; g++) {
+        const float *wg = w + g * gs;
+        const double *hg = h ? h + (g % G) * gs : 0;
+        double bestv = INFINITY;
+        for (int64_t k = 0; k < K; k++) {
+            const float ak = a[k * n_groups + g];
+            const int32_t zk = z[k * n_groups + g];
+            if (k == 0 && !norm_out) {
+                obj[0] = obj0[g];
+                for (int64_t l = 0; l < L; l++) wts[l] = wts_in[g * L + l];
+            } else if (k == 0) {
+                mq_one(wg, hg, ones, gs, ak, zk, L, stored, bits, round_mode, 0, INFINITY, e, q, &lb);
+                for (int64_t l = 0; l < L; l++) {
+                    wts[l] = normalize ? lam[l] / (e[l] > 1e-30 ? e[l] : 1e-30) : lam[l];
+                    norm_out[g * L + l] = wts[l];
+                }
+                obj[0] = 0.0;
+                for (int64_t l = 0; l < L; l++) obj[0] += wts[l] * e[l];
+            } else {
+                /* abandoned candidates keep a lower bound > stop: never within the margin of the minimum */
+                const double stop = bestv * (1.0 + 1e-6) + 1e-270;
+                if (mq_one(wg, hg, ones, gs, ak, zk, L, stored, bits, round_mode, wts, stop, e, q, &lb)) {
+                    obj[k] = lb;
+                } else {
+                    obj[k] = 0.0;
+                    for (int64_t l = 0; l < L; l++) obj[k] += wts[l] * e[l];
+                }
+            }
+            if (obj[k] < bestv) bestv = obj[k];
+        }
+        double upper = INFINITY;
+        int finite = 1;
+        for (int64_t k = 0; k < K; k++) {
+            if (!(obj[k] < INFINITY) || obj[k] != obj[k]) finite = 0;
+            const double u = obj[k] + rel * fabs(obj[k]) + abs_m;
+            if (u < upper) upper = u;
+        }
+        int64_t first = -1;
+        int ok = finite;
+        for (int64_t k = 0; k < K; k++) {
+            if (obj[k] - (rel * fabs(obj[k]) + abs_m) <= upper) {
+                if (first < 0) first = k;
+                else if (a[k * n_groups + g] != a[first * n_groups + g] || z[k * n_groups + g] != z[first * n_groups + g])
+                    ok = 0;
+            }
+        }
+        if (first < 0) { first = 0; ok = 0; }
+        best[g] = (int32_t)first;
+        best_obj[g] = obj[first];
+        certain[g] = (uint8_t)ok;
+    }
+}
+
 /* int8 codes q = clamp(rint(w / a) + z, 0, 255) of groups g0..g1-1 (one (a, z) per group). */
 void mq_codes(const float *w, int64_t gs, const float *a, const int32_t *z, uint8_t *out,
               int64_t g0, int64_t g1)
@@ -218,6 +370,10 @@ def native_kernel() -> Any | None:
     lib.mq_candidate_errors.argtypes = [P, P, I64, I64, I64, I64, P, P, I64, P, P, I32, P, I64, I64]
     lib.mq_candidate_errors.restype = None
     lib.mq_codes.argtypes = [P, I64, P, P, P, I64, I64]
+    D = ctypes.c_double
+    lib.mq_search_stage.argtypes = [P, P, I64, I64, I64, I64, P, P, I64, P, P, I32, P, I32, P, P, P, D, D, P, P, P,
+                                    I64, I64]
+    lib.mq_search_stage.restype = None
     lib.mq_codes.restype = None
     if not _self_check(lib):
         log.warning("native range-search kernel at %s disagrees with numpy; using the torch backend", path)
@@ -280,6 +436,39 @@ def _native_errors(lib: Any, w: np.ndarray, h: np.ndarray, a: np.ndarray, z: np.
 
     _run_spans(run, n, threads)
     return out
+
+
+def _native_stage(lib: Any, w: np.ndarray, h: np.ndarray, a: np.ndarray, z: np.ndarray, codec: "MatryoshkaCodec",
+                  wts: np.ndarray | None, obj0: np.ndarray | None,
+                  threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One search stage in C (``mq_search_stage``): (best index, its objective, certain, weights) per group."""
+    R, G, gs = w.shape
+    n, K = R * G, a.shape[0]
+    L = len(codec.level_bits)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    hh = np.array(np.broadcast_to(np.asarray(h, dtype=np.float64).reshape(-1, G, gs)[0], (G, gs)))
+    h_ptr = None if (hh == 1.0).all() else hh.ctypes.data
+    a = np.ascontiguousarray(a, dtype=np.float32).reshape(K, n)
+    z = np.ascontiguousarray(z, dtype=np.int32).reshape(K, n)
+    stored = np.ascontiguousarray(codec.stored_bits, dtype=np.int32)
+    bits = np.ascontiguousarray(codec.level_bits, dtype=np.int32)
+    lam = np.ascontiguousarray(codec.lambdas, dtype=np.float64)
+    first_stage = wts is None
+    wts = np.empty((n, L), dtype=np.float64) if first_stage else np.ascontiguousarray(wts, dtype=np.float64)
+    obj0 = np.zeros(n) if obj0 is None else np.ascontiguousarray(obj0, dtype=np.float64)
+    best = np.empty(n, dtype=np.int32)
+    best_obj = np.empty(n, dtype=np.float64)
+    certain = np.empty(n, dtype=np.uint8)
+
+    def run(g0: int, g1: int) -> None:
+        lib.mq_search_stage(w.ctypes.data, h_ptr, n, G, gs, K, a.ctypes.data, z.ctypes.data, L, stored.ctypes.data,
+                            bits.ctypes.data, int(codec.slicing == "round"), lam.ctypes.data, int(codec.normalize),
+                            wts.ctypes.data if first_stage else None, None if first_stage else wts.ctypes.data,
+                            obj0.ctypes.data, REL_MARGIN, ABS_MARGIN, best.ctypes.data, best_obj.ctypes.data,
+                            certain.ctypes.data, g0, g1)
+
+    _run_spans(run, n, threads)
+    return best.astype(np.int64), best_obj, certain.astype(bool), wts
 
 
 def _native_codes(lib: Any, w: np.ndarray, alpha: np.ndarray, z: np.ndarray, threads: int) -> np.ndarray:
@@ -443,23 +632,28 @@ def search_ranges(codec: "MatryoshkaCodec", wg: np.ndarray, h: np.ndarray, lo: n
     stored, bits, rnd = codec.stored_bits, codec.level_bits, codec.slicing == "round"
     lo_f, hi_f = lo.reshape(n), hi.reshape(n)
 
-    def evaluate(clo: np.ndarray, chi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def candidates(clo: np.ndarray, chi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         alpha, z = codec._scale_zero(clo, chi)  # [K, n], exactly as the reference
-        a32 = alpha.astype(np.float32)
-        e = candidate_errors(wg, h, a32.reshape(-1, R, G), z.reshape(-1, R, G), stored, bits, rnd, backend)
-        return e, a32, z
+        return alpha.astype(np.float32), z
 
+    native = resolve_backend(backend) == "native"
+    threads = torch.get_num_threads()
     # stage 1: min-max first, then the common clipping factors in order
     cs = np.array([1.0] + [c for c in codec.clip_grid if c != 1.0], dtype=np.float64)
     clo1 = np.stack([lo_f] + [lo_f * c for c in cs[1:]])
     chi1 = np.stack([hi_f] + [hi_f * c for c in cs[1:]])
-    e1, a1, z1 = evaluate(clo1, chi1)
-    norm = [np.maximum(e1[0, :, j], 1e-30) for j in range(len(bits))] if codec.normalize else None
-    obj1 = _objective(codec, e1, norm)
-    k1, ok1 = _first_argmin(obj1, a1, z1)
+    a1, z1 = candidates(clo1, chi1)
     cols = np.arange(n)
+    if native:  # objective, early abandoning and the choice in C
+        k1, best_obj, ok1, wts = _native_stage(native_kernel(), wg, h, a1, z1, codec, None, None, threads)
+    else:
+        e1 = candidate_errors(wg, h, a1.reshape(-1, R, G), z1.reshape(-1, R, G), stored, bits, rnd, backend)
+        norm = [np.maximum(e1[0, :, j], 1e-30) for j in range(len(bits))] if codec.normalize else None
+        obj1 = _objective(codec, e1, norm)
+        k1, ok1 = _first_argmin(obj1, a1, z1)
+        best_obj = obj1[k1, cols]
     best_c = cs[k1]
-    best_lo, best_hi, best_obj = clo1[k1, cols], chi1[k1, cols], obj1[k1, cols]
+    best_lo, best_hi = clo1[k1, cols], chi1[k1, cols]
     best_a, best_z = a1[k1, cols], z1[k1, cols]
     # stage 2: per-side refinement around each group's best common factor
     pairs = [(dl, dh) for dl in codec.refine for dh in codec.refine if not (dl == 0.0 and dh == 0.0)]
@@ -467,10 +661,13 @@ def search_ranges(codec: "MatryoshkaCodec", wg: np.ndarray, h: np.ndarray, lo: n
     if pairs:
         clo2 = np.stack([lo_f * np.maximum(best_c + dl, 0.05) for dl, _ in pairs])
         chi2 = np.stack([hi_f * np.maximum(best_c + dh, 0.05) for _, dh in pairs])
-        e2, a2, z2 = evaluate(clo2, chi2)
-        obj2 = _objective(codec, e2, norm)
-        k2, ok2 = _first_argmin(np.concatenate([best_obj[None], obj2]), np.concatenate([best_a[None], a2]),
-                                np.concatenate([best_z[None], z2]))
+        a2, z2 = candidates(clo2, chi2)
+        a_all, z_all = np.concatenate([best_a[None], a2]), np.concatenate([best_z[None], z2])
+        if native:
+            k2, _, ok2, _ = _native_stage(native_kernel(), wg, h, a_all, z_all, codec, wts, best_obj, threads)
+        else:
+            e2 = candidate_errors(wg, h, a2.reshape(-1, R, G), z2.reshape(-1, R, G), stored, bits, rnd, backend)
+            k2, ok2 = _first_argmin(np.concatenate([best_obj[None], _objective(codec, e2, norm)]), a_all, z_all)
         take = k2 > 0
         best_lo = np.where(take, clo2[np.maximum(k2 - 1, 0), cols], best_lo)
         best_hi = np.where(take, chi2[np.maximum(k2 - 1, 0), cols], best_hi)
