@@ -253,7 +253,7 @@ void mq_search_stage(const float *w, const double *h, int64_t n_groups, int64_t 
                 for (int64_t l = 0; l < L; l++) obj[0] += wts[l] * e[l];
             } else {
                 /* abandoned candidates keep a lower bound > stop: never within the margin of the minimum */
-                const double stop = bestv * (1.0 + 1e-6) + 1e-270;
+                const double stop = bestv * (1.0 + 4.0 * rel + 1e-6) + 4.0 * abs_m + 1e-270;
                 if (mq_one(wg, hg, ones, gs, ak, zk, L, stored, bits, round_mode, wts, stop, e, q, &lb)) {
                     obj[k] = lb;
                 } else {
