@@ -26,13 +26,8 @@ codec parameters (``convert/nested_planes.py`` header and layout).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,6 +39,7 @@ import torch
 
 from moestream.convert.codecs import EncodedTensor, MatryoshkaCodec, ResidualCodec
 from moestream.convert.codecs.base import Codec
+from moestream.convert.native_build import compile_library, find_compiler, library_path
 from moestream.engine.native_kernels_src import C_SOURCE as _C_SOURCE
 
 log = logging.getLogger("moestream")
@@ -76,42 +72,6 @@ def available() -> bool:
     return enabled() and library() is not None
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("MOESTREAM_CACHE_DIR")
-    if env:
-        return Path(env) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moestream" / "kernels"
-
-
-def _cpu_key() -> str:
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return f"{platform.machine()} {flags}"
-
-
-def _compile(cc: str, flags: list[str], out: Path) -> str | None:
-    """Compile ``_C_SOURCE`` into ``out`` (atomic rename); returns the compiler's error text or None."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "nested_kernel.c"
-        src.write_text(_C_SOURCE)
-        tmp_so = Path(tmp) / out.name
-        try:
-            res = subprocess.run([cc, *_CFLAGS, *flags, str(src), "-o", str(tmp_so), "-lm"],
-                                 capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as exc:
-            return str(exc)
-        if res.returncode != 0:
-            return res.stderr.strip()[-2000:]
-        os.replace(tmp_so, out)  # concurrent builders each install a whole file
-        return None
-
-
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -129,18 +89,17 @@ _build_lock = threading.Lock()
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (one warning) when no build works on this machine."""
     with _build_lock:
-        cc = os.environ.get("CC") or "cc"
-        if shutil.which(cc) is None:
+        cc = find_compiler()
+        if cc is None:
             log.warning("no C compiler (%s) found: nested experts are decoded to fp32 on every use "
-                        "(slower); install gcc or clang to enable the native kernels", cc)
+                        "(slower); install gcc or clang to enable the native kernels", os.environ.get("CC") or "cc")
             return None
         errors = []
         for flags in _VARIANTS:
-            key = hashlib.sha256("\n".join([_C_SOURCE, " ".join(_CFLAGS + flags), cc, _cpu_key()]).encode())
-            path = _cache_dir() / f"nested_kernel_{key.hexdigest()[:16]}.so"
+            path = library_path("nested_kernel", _C_SOURCE, _CFLAGS + flags, cc)
             try:
                 if not path.is_file():
-                    err = _compile(cc, flags, path)
+                    err = compile_library(cc, _C_SOURCE, _CFLAGS + flags, path)
                     if err is not None:
                         errors.append(f"{' '.join(flags) or 'portable'}: {err.splitlines()[-1] if err else err}")
                         continue

@@ -35,11 +35,8 @@ Knows nothing about files, models or the engine; it is handed the codec.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from moestream.convert.native_build import compile_library, find_compiler, library_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from moestream.convert.codecs.matryoshka import MatryoshkaCodec
@@ -305,39 +304,13 @@ _CFLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "
 
 
 # ------------------------------------------------------------------------------------ native kernel
-def _cache_dir() -> Path:
-    env = os.environ.get("MOESTREAM_CACHE_DIR")
-    if env:
-        return Path(env) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moestream" / "kernels"
-
-
-def _cpu_key() -> str:
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return f"{platform.machine()} {flags}"
-
-
 def _compile(cc: str, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "mq_kernel.c"
-        src.write_text(_C_SOURCE)
-        tmp_so = Path(tmp) / out.name
-        last = None
-        for extra in (["-march=native"], []):
-            res = subprocess.run([cc, *_CFLAGS, *extra, str(src), "-o", str(tmp_so), "-lm"],
-                                 capture_output=True, text=True, timeout=120)
-            if res.returncode == 0:
-                os.replace(tmp_so, out)  # atomic: concurrent builders each install a whole file
-                return
-            last = res.stderr.strip()
-        raise RuntimeError(f"{cc} failed: {last}")
+    last = None
+    for extra in (["-march=native"], []):
+        last = compile_library(cc, _C_SOURCE, [*_CFLAGS, *extra], out, timeout_s=120)
+        if last is None:
+            return
+    raise RuntimeError(f"{cc} failed: {last}")
 
 
 @lru_cache(maxsize=1)
@@ -348,12 +321,12 @@ def native_kernel() -> Any | None:
     ``~/.cache/moestream/kernels``), keyed by the source, flags and CPU; checked
     against the numpy formulas on a small input before it is used.
     """
-    cc = os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        log.info("no C compiler (%s) found: the matryoshka range search uses the torch backend", cc)
+    cc = find_compiler()
+    if cc is None:
+        log.info("no C compiler (%s) found: the matryoshka range search uses the torch backend",
+                 os.environ.get("CC") or "cc")
         return None
-    key = hashlib.sha256("\n".join([_C_SOURCE, " ".join(_CFLAGS), cc, _cpu_key()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"mq_kernel_{key}.so"
+    path = library_path("mq_kernel", _C_SOURCE, _CFLAGS, cc)
     try:
         if not path.is_file():
             try:
