@@ -108,7 +108,10 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"| {row['codec']} | {row['threads']} | {enc} | {t['gate/up [768x2048]']:.3f} | {t['down [2048x768]']:.3f} | "
                          f"{t['expert']:.3f} | {'' if sp is None else f'{sp:.0f}x'} | "
                          f"{'' if enc == 'reference' else row.get('bytes_identical', '')} |")
-    lines += ["", f"Command: `{result['command']}`", ""]
+    lines += ["", "The 2 cores are shared with other engineers' jobs: the same command varies by about ±30 % between "
+              "runs; compare rows of one run. `threads` = torch.get_num_threads() (the native kernel splits groups over "
+              "that many threads; the reference encoder is numpy, single-threaded).", "",
+              f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
 
