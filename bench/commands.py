@@ -113,28 +113,42 @@ NESTED_CODEC = "matryoshka_floor"
 def prepare_nested(work: Path, model_dir: Path = DEFAULT_MODEL_DIR) -> tuple[str, int]:
     """The embedded model converted once with the nested codec; returns (shard folder, stored levels)."""
     from moestream.convert.compress import CompressOptions, compress_checkpoint
-    from moestream.convert.shards import ShardedModel
 
     stamp = str(int(max(f.stat().st_mtime for f in model_dir.glob("*.safetensors"))))
     shards = work / f"default_{stamp}" / f"shards_{NESTED_CODEC}"
     if not any(shards.glob("*.gguf")):
         compress_checkpoint(model_dir, shards, CompressOptions(codec=NESTED_CODEC), progress=False)
+    return str(shards), _stored_levels(str(shards))
+
+
+def _stored_levels(shards: str) -> int:
+    from moestream.convert.shards import ShardedModel
+
     with ShardedModel.open(shards, verify="off") as r:
-        levels = max(r.n_levels(l, e) for l, e in r.expert_keys())
-    return str(shards), levels
+        return max(r.n_levels(l, e) for l, e in r.expert_keys())
 
 
-def _nested_arms(shards: str, levels: int, policies: list[str], precisions: list[str]) -> list[Arm]:
-    return [Arm(f"moestream-{NESTED_CODEC}-L{j}-{pol}" + ("" if prec == "exact" else f"-{prec}"), "moestream",
-                shards, f"{NESTED_CODEC}-L{j}", cache_policy=pol, precision_policy=prec, extra=("--level", str(j)))
+def _nested_arms(shards: str, levels: int, policies: list[str], precisions: list[str],
+                 codec: str = NESTED_CODEC) -> list[Arm]:
+    """One arm per stored level (``--level j``) x policy of a nested-codec shard model."""
+    return [Arm(f"moestream-{codec}-L{j}-{pol}" + ("" if prec == "exact" else f"-{prec}"), "moestream",
+                shards, f"{codec}-L{j}", cache_policy=pol, precision_policy=prec, extra=("--level", str(j)))
             for j in range(levels) for pol in policies for prec in precisions]
 
 
 def _arms(paths: dict[str, str], moestream_fmts: list[str], policies: list[str], precisions: list[str],
           llama: list[str]) -> list[Arm]:
-    arms = [Arm(f"moestream-{fmt}-{pol}" + ("" if prec == "exact" else f"-{prec}"), "moestream",
-                paths[f"moestream_{fmt}"], fmt, cache_policy=pol, precision_policy=prec)
-            for fmt in moestream_fmts for pol in policies for prec in precisions]
+    """One arm per moestream format x policy (nested formats: one per stored level), then llama.cpp's."""
+    arms = []
+    for fmt in moestream_fmts:
+        shards = paths[f"moestream_{fmt}"]
+        levels = _stored_levels(shards) if fmt.startswith(("matryoshka", "residual")) else 0
+        if levels:
+            arms += _nested_arms(shards, levels, policies, precisions, codec=fmt)
+            continue
+        arms += [Arm(f"moestream-{fmt}-{pol}" + ("" if prec == "exact" else f"-{prec}"), "moestream",
+                     shards, fmt, cache_policy=pol, precision_policy=prec)
+                 for pol in policies for prec in precisions]
     for q in llama:
         key = f"llamacpp_{q}"
         if key not in paths:
@@ -196,7 +210,7 @@ def build_config(args: argparse.Namespace) -> tuple[SuiteConfig, dict[str, Any],
         arms = [a if a.engine != "moestream" else Arm(
             a.name, a.engine, a.model, a.fmt, a.cache_policy, a.precision_policy,
             memory_override=int(harness.moestream_overhead(a.model, ctx)["all_experts_budget_bytes"] * 1.02),
-            extra=("--profile-dir", str(out_prof / a.name)) if args.profile else ()) for a in arms]
+            extra=a.extra + (("--profile-dir", str(out_prof / a.name)) if args.profile else ())) for a in arms]
     phys = {"disk": harness.odirect_read_bandwidth(harness.largest_model_file(model)),
             "expert_bytes_per_token": ov["doctor"].get("expert_bytes_per_token"),
             "model_file_bytes": {a.name: harness.model_file_bytes(a.model) for a in arms},
