@@ -45,6 +45,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from moestream.convert.errors import ModelFormatError
+from moestream.convert.page_cache import drop_cached_pages
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -198,7 +199,7 @@ class HFCheckpoint:
         """Drop open file handles (reads reopen them); with ``drop_cache``, also the files' cached pages."""
         self._handles.clear()
         for fd in self._fds.values():
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            drop_cached_pages(fd)
             os.close(fd)
         self._fds.clear()
         self._undropped.clear()
@@ -262,7 +263,7 @@ class HFCheckpoint:
             done += n
         self._undropped[file] = self._undropped.get(file, 0) + done
         if self._undropped[file] >= DROP_CACHE_EVERY:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            drop_cached_pages(fd)
             self._undropped[file] = 0
         return out
 

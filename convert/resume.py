@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from moestream.convert import constants as C
+from moestream.convert.page_cache import drop_cached_pages
 
 STATE_VERSION = 1
 _READ_CHUNK = 8 << 20
@@ -139,15 +140,6 @@ def model_id_for(fingerprint: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"moestream-conversion:{fingerprint}"))
 
 
-def _drop_cache(fd: int) -> None:
-    """Best effort: forget the clean pages just hashed (no page-cache pollution)."""
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-
-
 def _sha256_range(fd: int, offset: int, nbytes: int) -> str:
     h = hashlib.sha256()
     done = 0
@@ -206,7 +198,7 @@ def verify_shard(path: Path, record: ShardRecord, unit_bytes: Sequence[int]) -> 
     except OSError as exc:
         return f"unreadable ({exc})"
     finally:
-        _drop_cache(fd)
+        drop_cached_pages(fd)  # the pages just hashed
         os.close(fd)
 
 

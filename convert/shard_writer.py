@@ -72,6 +72,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from moestream.convert import constants as C
 from moestream.convert.errors import ModelFormatError
+from moestream.convert.page_cache import drop_cached_pages
 from moestream.convert.resume import (
     ResumeState, ShardRecord, conversion_fingerprint, fsync_dir, model_id_for, record_shard, verify_shard,
 )
@@ -492,7 +493,7 @@ class ShardSetWriter:
         """Start writeback of ``w``'s dirty pages and drop its clean ones (written earlier) from the page cache."""
         w.flush()
         assert w.fout is not None
-        _fadvise_dontneed(w.fout[0].fileno())
+        drop_cached_pages(w.fout[0].fileno())
         self._undropped = 0
 
     def finish(self) -> list[Path]:
@@ -514,7 +515,7 @@ class ShardSetWriter:
         self._patch_digests()
         with open(self._partials[0], "rb") as f:
             os.fsync(f.fileno())
-            _fadvise_dontneed(f.fileno())
+            drop_cached_pages(f.fileno())
         os.replace(self._partials[0], self._finals[0])  # shards 2..N are in place already: the model is complete
         fsync_dir(self.out_dir)
         if self._resume_state is not None:
@@ -565,10 +566,3 @@ class ShardSetWriter:
             self.abort()
 
 
-def _fadvise_dontneed(fd: int) -> None:
-    """``POSIX_FADV_DONTNEED`` on the whole file: Linux starts writeback of dirty pages, drops clean ones."""
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass

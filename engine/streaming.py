@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 
 from moestream.convert import constants as C
 from moestream.convert.errors import ModelFormatError
+from moestream.convert.page_cache import drop_cached_file
 from moestream.convert.shard_reader import ShardedModel, tensor_from_buffer
 from moestream.engine import native_kernels
 from moestream.engine.experts import ExpertView, ResidentExperts
@@ -402,17 +402,7 @@ def load_dense(model: MoECausalLM, reader: ShardedModel, progress: bool = False)
             del t
             bar.update(reader.dense_record(name).nbytes)
     for p in reader.paths:  # dense bytes were read with buffered preads: drop them from the page cache
-        _drop_page_cache(p)
-
-
-def _drop_page_cache(path: Path) -> None:
-    if not hasattr(os, "posix_fadvise"):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+        drop_cached_file(p)
 
 
 def _build(reader: ShardedModel) -> tuple[MoECausalLM, Any]:
