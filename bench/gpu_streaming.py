@@ -38,16 +38,14 @@ from typing import Any
 
 import torch
 
+from moestream.bench.harness import machine_info
+from moestream.bench.synthetic import QUALITY_NOTE, SyntheticSpec, build_synthetic
+from moestream.convert.shard_reader import ShardedModel
+from moestream.engine.api import Engine
+from moestream.engine.planning import all_experts_arena_bytes, min_streaming_budget
+from moestream.engine.streaming import shard_footprint
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-
-from synthetic import QUALITY_NOTE, SyntheticSpec, build_synthetic  # noqa: E402
-
-from moestream.bench.harness import machine_info  # noqa: E402
-from moestream.convert.shard_reader import ShardedModel  # noqa: E402
-from moestream.engine.api import Engine  # noqa: E402
-from moestream.engine.planning import all_experts_arena_bytes, min_streaming_budget  # noqa: E402
-from moestream.engine.streaming import shard_footprint  # noqa: E402
 
 TEXT = REPO / "engine" / "default_model" / "heldout" / "python.txt"
 
