@@ -1,6 +1,37 @@
 """C source of the Q8_0 / Q4_0 dense kernels (built and loaded by ``engine/dense_kernels.py``).
 
 Kept apart so the Python module stays small; the layouts are documented there.
+``QUANTIZE_BLOCK32_C`` (activation quantization) is shared with ``native_kernels_src.py``.
+"""
+
+QUANTIZE_BLOCK32_C = r"""/* Q8_0 activations of 32 floats: d = max|x| / 127, q = round-half-even(x / d) clamped to ±127 (0 when d == 0);
+ * returns d. Shared by the dense and the nested kernels (engine/dense_kernels_src.py). */
+#ifndef QK
+#define QK 32
+#endif
+static inline float quantize_block32(const float *xb, int8_t *q) {
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    __m256 v[4], mx = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(signbit, v[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float db = _mm_cvtss_f32(m4) / 127.0f;
+    const __m256 idv = _mm256_set1_ps(db > 0.0f ? 1.0f / db : 0.0f);
+    __m256i w[4];
+    for (int i = 0; i < 4; i++) {
+        __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+        w[i] = _mm256_cvtps_epi32(r);
+    }
+    const __m256i p01 = _mm256_packs_epi32(w[0], w[1]), p23 = _mm256_packs_epi32(w[2], w[3]);
+    const __m256i p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)q, p);
+    return db;
+}
 """
 
 C_SOURCE = r"""/* Dense Q8_0 / Q4_0 GEMM with int8 activations (moestream engine/dense_kernels.py).
@@ -30,36 +61,11 @@ enum { KIND_Q8_0 = 0, KIND_Q4_0 = 1 };
 int dq_abi(void) { return DQ_AVX2; }
 
 #if DQ_AVX2
+/*@QUANTIZE_BLOCK32@*/
+
 /* one row of X into int8 codes and block scales (bit-identical to dense_kernels.quantize_activations) */
 static void quantize_row(const float *x, int64_t K, int8_t *q, float *d) {
-    const __m256 signbit = _mm256_set1_ps(-0.0f);
-    for (int64_t b = 0; b < K / QK; b++) {
-        const float *xb = x + b * QK;
-        __m256 v[4], mx = _mm256_setzero_ps();
-        for (int i = 0; i < 4; i++) {
-            v[i] = _mm256_loadu_ps(xb + 8 * i);
-            mx = _mm256_max_ps(mx, _mm256_andnot_ps(signbit, v[i]));
-        }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-        const float amax = _mm_cvtss_f32(m4);
-        const float db = amax / 127.0f;
-        const float id = db > 0.0f ? 1.0f / db : 0.0f;
-        d[b] = db;
-        const __m256 idv = _mm256_set1_ps(id);
-        __m256i w[4];
-        for (int i = 0; i < 4; i++) {
-            __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
-            w[i] = _mm256_cvtps_epi32(r);
-        }
-        /* 4 x 8 int32 -> 32 int8 in order */
-        const __m256i p01 = _mm256_packs_epi32(w[0], w[1]), p23 = _mm256_packs_epi32(w[2], w[3]);
-        __m256i p = _mm256_packs_epi16(p01, p23);
-        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(q + b * QK), p);
-    }
+    for (int64_t b = 0; b < K / QK; b++) d[b] = quantize_block32(x + b * QK, q + b * QK);
 }
 
 static inline __m256i weights_block(const int kind, const uint8_t *qs, int64_t blk) {
@@ -158,3 +164,5 @@ int dq_linear(int kind, const void *qs, const float *dw, int64_t N, int64_t K, c
 }
 #endif
 """
+
+C_SOURCE = C_SOURCE.replace("/*@QUANTIZE_BLOCK32@*/", QUANTIZE_BLOCK32_C)

@@ -46,6 +46,8 @@ log = logging.getLogger("moestream")
 
 #: Environment switch: "0" (or "off", "false", "no") disables the native kernels.
 ENV_SWITCH = "MOESTREAM_NATIVE_KERNELS"
+#: Environment switch for the nested kernels' activations: int8 (default) or fp32.
+ACT_ENV = "MOESTREAM_NESTED_ACTIVATIONS"
 #: Codecs the kernel computes (GGML block codecs keep their decode path).
 NESTED_CODECS = ("matryoshka", "matryoshka_floor", "residual")
 MAXP = 8
@@ -79,6 +81,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.nq_linear.argtypes, lib.nq_linear.restype = [P, P, P, I64, P, I32], I32
     lib.nq_linear_portable.argtypes, lib.nq_linear_portable.restype = [P, P, P, I64, P], I32
     lib.nq_ffn.argtypes, lib.nq_ffn.restype = [P, P, P, I64, P, I32], I32
+    lib.nq_set_act.argtypes, lib.nq_set_act.restype = [I32], I32
     return lib
 
 
@@ -110,14 +113,65 @@ def library() -> ctypes.CDLL | None:
             if lib.nq_abi() // 10 != D_STRIDE * 10 + MAXP:
                 errors.append(f"{path}: descriptor layout mismatch")
                 continue
-            if not _self_check(lib):
+            if not _self_check(lib) or not _self_check_int8(lib):
                 errors.append(f"{path}: self-check against the torch decode failed")
                 continue
+            lib.nq_set_act(int(activation_mode() == "int8"))
             log.debug("native nested kernels: %s (%s)", path, " ".join(flags) or "portable")
             return lib
         log.warning("could not build the native nested-expert kernels (%s); nested experts are decoded "
                     "to fp32 on every use (slower)", "; ".join(errors))
         return None
+
+
+_act_override: str | None = None
+
+
+def activation_mode() -> str:
+    """``int8`` (default: activations quantized per block of 32, integer dot products, like llama.cpp) or
+    ``fp32`` (exact activations): :func:`set_activation_mode`, else ``MOESTREAM_NESTED_ACTIVATIONS``.
+
+    int8 applies to matryoshka_floor levels with 2/4-bit planes and group size % 128 == 0
+    (:func:`int8_applies`); anything else runs with fp32 activations whatever the mode.
+    """
+    mode = _act_override or os.environ.get(ACT_ENV, "int8").strip().lower()
+    if mode not in ("int8", "fp32"):
+        raise ValueError(f"{ACT_ENV}={mode!r}: choose int8 or fp32")
+    return mode
+
+
+def set_activation_mode(mode: str | None) -> None:
+    """Switch the kernels between ``int8`` and ``fp32`` activations (None: back to the environment's choice)."""
+    global _act_override
+    if mode not in ("int8", "fp32", None):
+        raise ValueError(f"activation mode {mode!r}: choose int8 or fp32")
+    _act_override = mode
+    lib = library() if enabled() else None
+    if lib is not None:
+        lib.nq_set_act(int(activation_mode() == "int8"))
+
+
+def quantize_activations_perm128(x: torch.Tensor) -> torch.Tensor:
+    """The int8-path activations of x [M, K] dequantized back to fp32 (what the kernel multiplies by).
+
+    Per 128-chunk, block s holds x[128c + 4j + s] (j = 0..31), quantized like
+    ``dense_kernels.quantize_activations`` (the C code shares its routine).
+    """
+    from moestream.engine.dense_kernels import quantize_activations
+
+    m, k = x.shape
+    perm = x.float().reshape(m, k // 128, 32, 4).transpose(2, 3).reshape(m, k)
+    q, d = quantize_activations(perm)
+    deq = (q.view(m, k // 32, 32).float() * d.unsqueeze(-1)).view(m, k // 128, 4, 32)
+    return deq.transpose(2, 3).reshape(m, k)
+
+
+def int8_applies(codec: Codec, level: int, group_size: int) -> bool:
+    """True when the int8-activation path computes this codec level (see :func:`activation_mode`)."""
+    if not isinstance(codec, MatryoshkaCodec) or codec.slicing != "floor" or group_size % 128:
+        return False
+    bits = codec.plane_bits[:level]
+    return all(b in (2, 4) for b in bits) and sum(bits) <= 8
 
 
 def random_encoded(codec: Codec, rows: int, cols: int, group_size: int, rng: np.random.Generator,
@@ -163,6 +217,29 @@ def _self_check(lib: ctypes.CDLL) -> bool:
                 got = _linear_raw(lib, op.desc, op.bases, x, 16, portable).double()
                 if not bool(((got - ref).abs() <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-30).all()):
                     return False
+    return True
+
+
+def _self_check_int8(lib: ctypes.CDLL) -> bool:
+    """The int8-activation path against decode + fp64 matmul on the kernel's own quantized activations."""
+    from moestream.convert.codecs import get_codec
+
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((5, 256)).astype(np.float32))
+    xq = quantize_activations_perm128(x).double()
+    codec = get_codec("matryoshka_floor")
+    lib.nq_set_act(1)
+    try:
+        for scale_dtype in (np.float16, np.float32):
+            enc = random_encoded(codec, 24, 256, 128, rng, scale_dtype)
+            for level in range(1, enc.n_levels + 1):
+                w = enc.torch_decode(level).double()
+                op = encoded_operand(enc, level)
+                got = _linear_raw(lib, op.desc, op.bases, x, 24).double()
+                if not bool(((got - xq @ w.T).abs() <= 1e-5 * (xq.abs() @ w.abs().T) + 1e-30).all()):
+                    return False
+    finally:
+        lib.nq_set_act(0)
     return True
 
 

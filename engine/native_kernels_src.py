@@ -3,6 +3,7 @@
 Kept apart so the Python module stays small; the descriptor layout (``D_*`` fields, ``MAXP``,
 ``P_STRIDE``) must match ``native_kernels``, which checks ``nq_abi()`` after loading.
 """
+from moestream.engine.dense_kernels_src import QUANTIZE_BLOCK32_C
 
 C_SOURCE = r"""/* Nested-level expert GEMM straight from packed bit planes (moestream engine/native_kernels.py).
  *
@@ -67,7 +68,11 @@ static float half_to_float(uint16_t h) {
 static inline float scale_at(const uint8_t *base, int64_t i, int64_t sf32) {
     if (sf32) { float f; memcpy(&f, base + 4 * i, 4); return f; }
     uint16_t h; memcpy(&h, base + 2 * i, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
     return half_to_float(h);
+#endif
 }
 
 /* value idx of a pack_bits stream: runs of 8 values in `bits` bytes, value i of a run at bit bits*i */
@@ -498,6 +503,196 @@ static void rows_with(const row_fn *f, const proj_t *p, const float *X, int64_t 
 }
 #endif
 
+#if NQ_AVX2
+/*@QUANTIZE_BLOCK32@*/
+
+/* ------------------------------------------------------------------ int8-activation path (AVX2)
+ * Activations are quantized per 128-chunk c of K into four blocks s = 0..3, block s holding
+ * x[128c + 4j + s] (j = 0..31) as int8 with scale d = max|x| / 127, round half to even (the order in
+ * which one load of a 2- or 4-bit plane yields its codes, so weights never need a shuffle per token);
+ * SQ[c] = Σ_s d_s·Σ_j q. Floor levels: Σ_k ŵ_k x̂_k = α·(2^shift·Σ_k q'_k x̂_k + (2^shift·qoff + centre − z)·SQ)
+ * with q' = q − qoff (qoff = 128 when the code has 8 bits, so q' fits int8 and llama.cpp's sign trick
+ * keeps maddubs exact; 0 otherwise). Needs floor kind, planes of 2 or 4 bits, group size % 128 == 0. */
+static int i8_ok(const proj_t *p) {
+    if (p->kind != KIND_FLOOR || p->gs % 128) return 0;
+    int tot = 0;
+    for (int j = 0; j < p->np; j++) {
+        if (p->bits[j] != 2 && p->bits[j] != 4) return 0;
+        tot += p->bits[j];
+    }
+    return tot <= 8 && p->shift == 8 - tot;
+}
+
+static void quantize_perm128(const float *x, int64_t K, int8_t *q, float *d, float *sq) {
+    float t[QK];
+    for (int64_t c = 0; c < K / 128; c++) {
+        float tot = 0.0f;
+        for (int s = 0; s < 4; s++) {
+            for (int j = 0; j < QK; j++) t[j] = x[128 * c + 4 * j + s];
+            int8_t *qb = q + 128 * c + QK * s;
+            const float db = quantize_block32(t, qb);
+            d[4 * c + s] = db;
+            int isum = 0;
+            for (int j = 0; j < QK; j++) isum += qb[j];
+            tot += db * (float)isum;
+        }
+        sq[c] = tot;
+    }
+}
+
+/* codes of one 128-chunk of plane j, step s: (code(4i+s) of the plane) << pos, i = 0..31 as bytes */
+static inline __attribute__((always_inline)) void plane_chunk(const uint8_t *src, const int bits, const int pos,
+                                                              __m256i q[4]) {
+    if (bits == 2) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)src);
+        for (int s = 0; s < 4; s++) {
+            const int k = pos - 2 * s;
+            const __m256i v = k >= 0 ? _mm256_slli_epi16(raw, k) : _mm256_srli_epi16(raw, -k);
+            q[s] = _mm256_or_si256(q[s], _mm256_and_si256(v, _mm256_set1_epi8((char)(3 << pos))));
+        }
+    } else { /* 4 bits: byte t holds codes 2t (low nibble), 2t+1; split even / odd bytes */
+        const __m256i sh = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        const __m256i a = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)src), sh), 0xd8);
+        const __m256i b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(src + 32)), sh), 0xd8);
+        const __m256i ev = _mm256_permute2x128_si256(a, b, 0x20), od = _mm256_permute2x128_si256(a, b, 0x31);
+        const __m256i lo = _mm256_set1_epi8(15);
+        const __m256i w[4] = {_mm256_and_si256(ev, lo), _mm256_and_si256(_mm256_srli_epi16(ev, 4), lo),
+                              _mm256_and_si256(od, lo), _mm256_and_si256(_mm256_srli_epi16(od, 4), lo)};
+        for (int s = 0; s < 4; s++) q[s] = _mm256_or_si256(q[s], pos ? _mm256_slli_epi16(w[s], pos) : w[s]);
+    }
+}
+
+/* rows n, tokens m0..m0+MB-1; NA accumulators per token (4 for one token: the fma chains overlap) */
+static inline __attribute__((always_inline)) void tile_i8(const proj_t *p, int64_t n, const int8_t *XQ, const float *DX,
+                                                          const float *SQ, int64_t m0, const int MB, float *Y,
+                                                          int64_t ldy, const int NP_, const int B0, const int B1,
+                                                          const int B2) {
+    enum { NA_MAX = 4 };
+    const int NA = MB == 1 ? 4 : 2;
+    const int np = NP_ > 0 ? NP_ : (int)p->np;
+    const int64_t K = p->K, G = p->G, nc = K / 128, cpg = p->gs / 128;
+    const uint8_t *rows[MAXP];
+    int bits[MAXP], pos[MAXP], tot = 0;
+    for (int j = 0; j < np; j++) {
+        bits[j] = (j == 0 && B0 > 0) ? B0 : (j == 1 && B1 > 0) ? B1 : (j == 2 && B2 > 0) ? B2 : p->bits[j];
+        rows[j] = p->codes[j] + n * K / 8 * bits[j];
+        tot += bits[j];
+    }
+    for (int j = np - 1, below = 0; j >= 0; j--) { pos[j] = below; below += bits[j]; }
+    const int wide = tot == 8;
+    const float mult = (float)(1 << (8 - tot));
+    __m256 acc[4][NA_MAX];
+    float zacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int t = 0; t < MB; t++)
+        for (int u = 0; u < NA; u++) acc[t][u] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t ng = n * G + g;
+        const float a = scale_at(p->scale, ng, p->sf32) * mult;
+        const float off = a * ((wide ? 128.0f : 0.0f) + (float)((int)p->centre - (int)p->zero[ng]) / mult);
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
+            __m256i q[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int j = 0; j < np; j++) plane_chunk(rows[j] + c * 16 * bits[j], bits[j], pos[j], q);
+            __m256i ax[4];
+            for (int s = 0; s < 4; s++) {
+                if (wide) q[s] = _mm256_xor_si256(q[s], _mm256_set1_epi8((char)0x80));
+                ax[s] = wide ? _mm256_sign_epi8(q[s], q[s]) : q[s];
+            }
+            for (int t = 0; t < MB; t++) {
+                const int64_t m = m0 + t;
+                const int8_t *xq = XQ + m * K + 128 * c;
+                const float *dx = DX + m * (K / 32) + 4 * c;
+                for (int s = 0; s < 4; s++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * s));
+                    if (wide) xv = _mm256_sign_epi8(xv, q[s]);
+                    const __m256i i32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ax[s], xv), _mm256_set1_epi16(1));
+                    acc[t][s % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_set1_ps(dx[s] * a), acc[t][s % NA]);
+                }
+                zacc[t] += off * SQ[m * nc + c];
+            }
+        }
+    }
+    for (int t = 0; t < MB; t++) {
+        __m256 v = acc[t][0];
+        for (int u = 1; u < NA; u++) v = _mm256_add_ps(v, acc[t][u]);
+        Y[(m0 + t) * ldy + n] = hsum(v) + zacc[t];
+    }
+}
+
+static inline __attribute__((always_inline)) void row_i8(const proj_t *p, int64_t n, const int8_t *XQ, const float *DX,
+                                                         const float *SQ, int64_t M, float *Y, int64_t ldy,
+                                                         const int NP_, const int B0, const int B1, const int B2) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) tile_i8(p, n, XQ, DX, SQ, m, 4, Y, ldy, NP_, B0, B1, B2);
+    for (; m < M; m++) tile_i8(p, n, XQ, DX, SQ, m, 1, Y, ldy, NP_, B0, B1, B2);
+}
+
+typedef void (*row_i8_fn)(const proj_t *, int64_t, const int8_t *, const float *, const float *, int64_t, float *, int64_t);
+#define NQ_I8(NAME, NP_, B0, B1, B2)                                                                            \
+    static void NAME(const proj_t *p, int64_t n, const int8_t *XQ, const float *DX, const float *SQ, int64_t M, \
+                     float *Y, int64_t ldy) { row_i8(p, n, XQ, DX, SQ, M, Y, ldy, NP_, B0, B1, B2); }
+NQ_I8(i8_2, 1, 2, 0, 0)
+NQ_I8(i8_22, 2, 2, 2, 0)
+NQ_I8(i8_224, 3, 2, 2, 4)
+NQ_I8(i8_4, 1, 4, 0, 0)
+NQ_I8(i8_44, 2, 4, 4, 0)
+NQ_I8(i8_generic, -1, -1, -1, -1)
+
+static row_i8_fn pick_i8(const proj_t *p) {
+    const int np = (int)p->np, b0 = p->bits[0], b1 = np > 1 ? p->bits[1] : 0, b2 = np > 2 ? p->bits[2] : 0;
+    if (np == 1 && b0 == 2) return i8_2;
+    if (np == 2 && b0 == 2 && b1 == 2) return i8_22;
+    if (np == 3 && b0 == 2 && b1 == 2 && b2 == 4) return i8_224;
+    if (np == 1 && b0 == 4) return i8_4;
+    if (np == 2 && b0 == 4 && b1 == 4) return i8_44;
+    return i8_generic;
+}
+
+typedef struct { int8_t *q; float *d, *sq; void *mem; } actq_t;
+
+static int actq_make(const float *X, int64_t M, int64_t K, actq_t *a) {
+    const size_t nq = (size_t)(M * K), nd = (size_t)(M * (K / 32)), ns = (size_t)(M * (K / 128));
+    a->mem = malloc(((nq + 63) / 64) * 64 + (nd + ns) * sizeof(float));
+    if (a->mem == NULL) return 6;
+    a->q = (int8_t *)a->mem;
+    a->d = (float *)(a->q + ((nq + 63) / 64) * 64);
+    a->sq = a->d + nd;
+    for (int64_t m = 0; m < M; m++) quantize_perm128(X + m * K, K, a->q + m * K, a->d + m * (K / 32), a->sq + m * (K / 128));
+    return 0;
+}
+
+static void run_i8(const proj_t *p, const actq_t *a, int64_t M, float *Y, int nthreads) {
+    const row_i8_fn f = pick_i8(p);
+#ifdef _OPENMP
+    if (nthreads > 1 && p->N * p->K * M >= PAR_MIN_WORK && p->N >= 16 * nthreads) {
+#pragma omp parallel num_threads(nthreads)
+        {
+            const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+            const int64_t chunk = (p->N + nt - 1) / nt;
+            const int64_t n0 = t * chunk, n1 = n0 + chunk < p->N ? n0 + chunk : p->N;
+            for (int64_t n = n0; n < n1; n++) f(p, n, a->q, a->d, a->sq, M, Y, p->N);
+        }
+        return;
+    }
+#endif
+    (void)nthreads;
+    for (int64_t n = 0; n < p->N; n++) f(p, n, a->q, a->d, a->sq, M, Y, p->N);
+}
+#endif
+
+/* 1: int8 activations where i8_ok (set by nq_set_act; the Python side picks by measurement) */
+static int g_act_int8 = 0;
+int nq_set_act(int int8) { g_act_int8 = int8 ? 1 : 0; return NQ_AVX2; }
+
+static int use_i8(const proj_t *p) {
+#if NQ_AVX2
+    return g_act_int8 && i8_ok(p);
+#else
+    (void)p;
+    return 0;
+#endif
+}
+
 /* rows n0..n1 of Y; Xp is X permuted by permute64 when the blocked path applies (else unused) */
 static void rows_any(const proj_t *p, const float *X, const float *Xp, int64_t M, float *Y, int64_t n0, int64_t n1) {
 #if NQ_AVX2
@@ -561,6 +756,15 @@ int nq_linear(const int64_t *desc, const int64_t *bases, const float *X, int64_t
     proj_t p;
     const int err = parse(desc, bases, &p);
     if (err) return err;
+#if NQ_AVX2
+    if (use_i8(&p)) {
+        actq_t a;
+        if (actq_make(X, M, p.K, &a)) return 6;
+        run_i8(&p, &a, M, Y, nthreads);
+        free(a.mem);
+        return 0;
+    }
+#endif
     return run_proj(&p, X, NULL, M, Y, nthreads);
 }
 
@@ -577,6 +781,22 @@ int nq_ffn(const int64_t *desc, const int64_t *bases, const float *X, int64_t M,
     if (work == NULL) return 6;
     float *gx = work, *ux = work + M * I, *xp = NULL;
 #if NQ_AVX2
+    if (use_i8(&gate) && use_i8(&up) && use_i8(&down)) {
+        actq_t a;
+        if (actq_make(X, M, H, &a)) { free(work); return 6; }
+        run_i8(&gate, &a, M, gx, nthreads);
+        run_i8(&up, &a, M, ux, nthreads);
+        free(a.mem);
+        for (int64_t i = 0; i < M * I; i++) {
+            const float g = gx[i];
+            gx[i] = g / (1.0f + expf(-g)) * ux[i];
+        }
+        if (actq_make(gx, M, I, &a)) { free(work); return 6; }
+        run_i8(&down, &a, M, Y, nthreads);
+        free(a.mem);
+        free(work);
+        return 0;
+    }
     if (blocked_ok(&gate) && blocked_ok(&up)) { /* permute X once for both */
         xp = work + 2 * M * I;
         permute64(X, M, H, xp);
@@ -595,3 +815,5 @@ int nq_ffn(const int64_t *desc, const int64_t *bases, const float *X, int64_t M,
     return err;
 }
 """
+
+C_SOURCE = C_SOURCE.replace("/*@QUANTIZE_BLOCK32@*/", QUANTIZE_BLOCK32_C)

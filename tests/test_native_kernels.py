@@ -34,6 +34,14 @@ U = 2.0 ** -24
 
 pytestmark = pytest.mark.skipif(not nk.available(), reason="native kernels unavailable (no C compiler, or MOESTREAM_NATIVE_KERNELS=0)")
 
+@pytest.fixture(autouse=True)
+def exact_activations():
+    """These tests pin the exact (fp32-activation) path; tests/test_native_int8.py covers the int8 one."""
+    nk.set_activation_mode("fp32")
+    yield
+    nk.set_activation_mode(None)
+
+
 CODECS = [
     ("matryoshka_floor", {}),  # 2/2/4-bit planes: levels 2, 4, 8 bits (the default codec)
     ("matryoshka", {}),  # 3/2/3-bit planes, rounded slices
