@@ -15,6 +15,8 @@ Checks, from cheap to lazy:
 - on read: the SHA-256 of each checksum unit (dense tensor or expert plane)
   the read covers; ``verify="once"`` (default) checks a unit the first time
   it is read in this process, ``"always"`` on every read, ``"off"`` never.
+  Dense tensors come decoded (:meth:`ShardedModel.read_dense`, GGML blocks
+  widened to fp32) or as stored (:meth:`ShardedModel.read_dense_raw`).
 
 Level numbering: level ``j`` (0-based) of an expert = planes ``0..j``; codec
 ``none`` has exactly one level (0), full precision.
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
@@ -52,7 +55,8 @@ TORCH_DTYPES: dict[GGMLQuantizationType, torch.dtype] = {
 
 VERIFY_MODES = ("once", "always", "off")
 #: GGML block-quantized types a dense tensor or a ``gguf_*`` expert plane may use (read as raw bytes,
-#: dequantized to fp32 by :meth:`ShardedModel.read_dense` / the codec's decoder).
+#: dequantized to fp32 by :meth:`ShardedModel.read_dense` / the codec's decoder, kept as blocks by
+#: :meth:`ShardedModel.read_dense_raw`).
 QUANTIZED_TYPES = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0)
 
 
@@ -99,6 +103,14 @@ class TensorRecord:
     def padded_nbytes(self) -> int:
         """Bytes the tensor occupies on disk including alignment padding."""
         return padded(self.nbytes)
+
+
+class RawDense(NamedTuple):
+    """A dense tensor's stored bytes as read (:meth:`ShardedModel.read_dense_raw`)."""
+
+    data: np.ndarray  # uint8 [nbytes]: the tensor's bytes, padding excluded
+    ggml_type: GGMLQuantizationType
+    shape: tuple[int, ...]  # element shape, numpy order (rows first)
 
 
 @dataclass
@@ -395,18 +407,40 @@ class ShardedModel:
                                 f"{rng.offset + rng.nbytes}); the file is corrupt, re-run convert or re-copy it")
         self._verified.add(id(unit))
 
-    def read_dense(self, name: str) -> torch.Tensor:
-        """Read one dense tensor (stored dtype, numpy-order shape) with one positioned read.
+    def _read_dense_unit(self, name: str) -> tuple[bytearray, TensorRecord]:
+        """One positioned read of dense tensor ``name``'s checksum unit (data + padding), verified."""
+        unit = self._dense[name]
+        buf = self._read(unit.range)
+        self._verify_unit(unit, memoryview(buf))
+        return buf, unit.tensors[0]
+
+    def read_dense_raw(self, name: str) -> RawDense:
+        """Read one dense tensor's stored bytes as they are (GGML blocks stay blocks), checksum-verified.
+
+        One positioned read, like :meth:`read_dense`, but nothing is decoded or widened: a Q8_0 / Q4_0
+        matrix comes back as its block bytes, ready for ``engine/dense_kernels.pack_ggml``.
+
+        Returns:
+            A :class:`RawDense`: ``data`` (uint8, exactly the tensor's bytes, padding excluded), its
+            GGML type and its element shape (numpy order).
 
         Raises:
             KeyError: no such dense tensor. ChecksumError: corrupt bytes.
             ModelFormatError: truncated file.
         """
-        unit = self._dense[name]
-        rng = unit.range
-        buf = self._read(rng)
-        self._verify_unit(unit, memoryview(buf))
-        rec = unit.tensors[0]
+        buf, rec = self._read_dense_unit(name)
+        return RawDense(np.frombuffer(buf, dtype=np.uint8, count=rec.nbytes), rec.ggml_type, rec.shape)
+
+    def read_dense(self, name: str) -> torch.Tensor:
+        """Read one dense tensor (stored dtype, numpy-order shape) with one positioned read.
+
+        GGML block types (Q8_0 / Q4_0) are dequantized to fp32; :meth:`read_dense_raw` keeps them.
+
+        Raises:
+            KeyError: no such dense tensor. ChecksumError: corrupt bytes.
+            ModelFormatError: truncated file.
+        """
+        buf, rec = self._read_dense_unit(name)
         t = tensor_from_buffer(_as_uint8_tensor(buf), rec, 0)
         if rec.ggml_type in QUANTIZED_TYPES:  # block types: dequantize with gguf-py (fp32, element shape)
             from gguf import quants as gguf_quants

@@ -23,6 +23,7 @@ from moestream.convert.shard_reader import (
     EXPERT_DECODERS,
     ByteRange,
     ChecksumUnit,
+    RawDense,
     ShardedModel,
     TensorRecord,
     register_expert_decoder,
@@ -30,7 +31,7 @@ from moestream.convert.shard_reader import (
 from moestream.convert.shard_writer import ShardSetWriter, TensorDecl, WriterState, padded, tensor_nbytes
 
 __all__ = [
-    "ByteRange", "ChecksumUnit", "EXPERT_DECODERS", "ShardSetWriter", "ShardedModel", "TensorDecl",
+    "ByteRange", "ChecksumUnit", "EXPERT_DECODERS", "RawDense", "ShardSetWriter", "ShardedModel", "TensorDecl",
     "TensorRecord", "WriterState", "format_bytes", "format_model_info", "model_info", "padded",
     "register_expert_decoder", "tensor_nbytes",
 ]

@@ -38,8 +38,38 @@ def _skip_weight_init() -> Iterator[None]:
             setattr(nn.init, n, fn)
 
 
-def build_model(model_type: str, config: dict, dtype: torch.dtype = torch.float32) -> tuple[MoECausalLM, BaseModelArgs]:
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Register every ``nn.Parameter`` on the ``meta`` device; buffers (RoPE tables) stay real.
+
+    Each parameter's CPU tensor exists only until it is registered (never written: init is skipped),
+    so no weight memory is held; the loader assigns each parameter when it reads it.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def build_model(model_type: str, config: dict, dtype: torch.dtype = torch.float32, *,
+                meta_parameters: bool = False) -> tuple[MoECausalLM, BaseModelArgs]:
     """Build an (uninitialised) model for ``config``.
+
+    Args:
+        model_type: HF ``model_type``.
+        config: the HF config dict.
+        dtype: parameter dtype.
+        meta_parameters: put every parameter on the ``meta`` device (buffers stay on the CPU): the
+            caller assigns each one as it loads it (``engine/streaming.py: load_dense``), so no
+            full-size model exists before its weights are read.
 
     Raises:
         UnsupportedModelError: unknown ``model_type``.
@@ -47,7 +77,7 @@ def build_model(model_type: str, config: dict, dtype: torch.dtype = torch.float3
     """
     model_cls, args_cls = get_model_classes(model_type)
     args = args_cls.from_config(config)
-    with _skip_weight_init():
+    with _skip_weight_init(), (_parameters_on_meta() if meta_parameters else contextlib.nullcontext()):
         model = model_cls(args)
     return model.to(dtype).eval(), args
 

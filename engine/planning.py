@@ -3,15 +3,18 @@
 Owns the byte counts the scheduler's planner needs, computed from the model
 itself BEFORE any weight is read:
 
-- ``resident``: every non-routed-expert parameter and buffer at the compute
-  dtype (fp32), taken from a ``meta``-device model (no memory allocated);
+- ``resident``: every non-routed-expert parameter and buffer as the loader
+  holds it, taken from a ``meta``-device model (no memory allocated): fp32 by
+  default; shard models pass the held size of each parameter (Q8_0/Q4_0
+  matrices kept packed count their packed bytes, ``engine/quantized_dense.py``);
 - ``kv``: the KV cache for ``ctx`` positions (built on ``meta`` too, so MLA and
   GQA caches are counted by the family's own ``make_cache``);
 - ``workspace``: activations of the largest forward (a prefill chunk: logits,
   attention scores, hidden states), the fp32 decode scratch of the experts one
   acquire may hold, plus a fixed interpreter/runtime reserve (Python, torch,
   tokenizer: memory the process holds whatever the model is);
-- ``io``: staging for dense loading (one stored tensor and its fp32 copy);
+- ``io``: staging for dense loading (the largest stored tensor plus the largest
+  parameter as held: its fp32 copy, or its packed form);
   expert reads land directly in arena slots, so they need no staging.
 
 :func:`plan_for` hands these to ``scheduler.planner.plan_memory`` and turns
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -49,7 +52,7 @@ class ModelFootprint:
     """What one model needs, in bytes, before any budget is applied.
 
     Attributes:
-        resident_bytes: dense weights + buffers at fp32.
+        resident_bytes: dense weights as held (fp32, or packed Q8_0/Q4_0) + buffers.
         kv_bytes: KV cache for ``ctx`` positions (batch 1).
         activation_bytes: largest forward's activations (prefill chunk).
         scratch_bytes: fp32 decode scratch for the experts one acquire holds.
@@ -207,8 +210,8 @@ def activation_bytes(model: Any, ctx: int) -> int:
 
 def model_footprint(model_type: str, config: dict, expert_level_bytes: list[int] | tuple[int, ...], ctx: int,
                     largest_dense_stored_bytes: int = 0, scratch_experts: int = 0,
-                    expert_plane_bytes: tuple[int, ...] = (), experts_per_plane: tuple[int, ...] = ()
-                    ) -> ModelFootprint:
+                    expert_plane_bytes: tuple[int, ...] = (), experts_per_plane: tuple[int, ...] = (),
+                    held_weight_bytes: Callable[[Any], dict[str, int]] | None = None) -> ModelFootprint:
     """Everything :func:`plan_for` needs, from a config alone.
 
     Args:
@@ -218,6 +221,8 @@ def model_footprint(model_type: str, config: dict, expert_level_bytes: list[int]
         ctx: context length (KV cache positions).
         largest_dense_stored_bytes: biggest dense tensor as stored (for the load staging buffer).
         scratch_experts: experts whose fp32 decode scratch is held at once (0 when views alias the arena).
+        held_weight_bytes: ``f(meta model) -> {parameter name: bytes as loaded}``; None = every
+            parameter at fp32 (``engine/quantized_dense.py: held_weight_bytes`` for shard models).
 
     Returns:
         The footprint.
@@ -229,10 +234,12 @@ def model_footprint(model_type: str, config: dict, expert_level_bytes: list[int]
     costs = model.costs(bytes_per_param=FP32)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     kv = int(model.make_cache(1, ctx, dtype=torch.float32, device="meta").nbytes)
-    biggest = max((p.numel() for p in model.parameters()), default=0) * FP32
+    held = (held_weight_bytes(model) if held_weight_bytes is not None
+            else {n: p.numel() * FP32 for n, p in model.named_parameters()})
+    biggest = max(held.values(), default=0)
     io = largest_dense_stored_bytes + biggest if largest_dense_stored_bytes else 0
     return ModelFootprint(
-        resident_bytes=int(costs.dense_bytes + buffers), kv_bytes=kv, activation_bytes=activation_bytes(model, ctx),
+        resident_bytes=int(sum(held.values()) + buffers), kv_bytes=kv, activation_bytes=activation_bytes(model, ctx),
         scratch_bytes=scratch_experts * costs.expert_bytes, runtime_bytes=runtime_reserve(), io_buffer_bytes=io,
         expert_level_bytes=tuple(int(b) for b in expert_level_bytes), expert_compute_bytes=costs.expert_bytes,
         top_k=costs.top_k, n_moe_layers=costs.moe_layers, n_experts=costs.experts_per_layer, ctx=ctx,

@@ -18,11 +18,13 @@ over a :class:`~moestream.convert.shard_reader.ShardedModel`:
 
 and :func:`load_streaming_model`, which opens the shards (headers only), plans
 the budget BEFORE reading any weight (refusing with the minimum when it is too
-small), then loads dense weights one tensor at a time and installs the
-provider. Shard models are ALWAYS served through the arena: when every expert
-fits, the arena simply holds them all after their first use (one code path,
-one memory accounting). :func:`load_resident_shard_model` is the reference
-path: every expert decoded to fp32 in a :class:`ResidentExperts`.
+small), then loads dense weights one tensor at a time (parameters are built on
+``meta`` and assigned as read; Q8_0/Q4_0 matrices stay packed on the CPU,
+``engine/quantized_dense.py``) and installs the provider. Shard models are
+ALWAYS served through the arena: when every expert fits, the arena simply holds
+them all after their first use (one code path, one memory accounting).
+:func:`load_resident_shard_model` is the reference path: every expert decoded
+to fp32 in a :class:`ResidentExperts`, dense matrices widened to fp32.
 
 Knows nothing about tokenization, the generate loop or the CLI.
 """
@@ -38,6 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from moestream.convert import constants as C
 from moestream.convert.errors import ModelFormatError
@@ -47,6 +50,7 @@ from moestream.engine import native_kernels
 from moestream.engine.experts import ExpertView, ResidentExperts
 from moestream.engine.models.base import MoECausalLM
 from moestream.engine.planning import ModelFootprint, model_footprint, plan_for, resolve_budget
+from moestream.engine.quantized_dense import held_weight_bytes, install_quantized, quantized_targets
 from moestream.scheduler.arena import ExpertArena
 from moestream.scheduler.budget import MemoryPlan, align_up, format_bytes
 from moestream.scheduler.loader import ExpertLoader
@@ -345,6 +349,8 @@ def shard_footprint(reader: ShardedModel, ctx: int, device: torch.device | str =
     Decode scratch: none when fp32 experts are used in place; else top-k fp32 experts, plus one being
     decoded for nested/GGML codecs (the codec's output before it is copied into scratch); none for nested
     codecs served by the native kernels on the CPU (``device``), which compute from the arena bytes.
+    Dense weights count as :func:`load_dense` holds them on ``device``: packed bytes for Q8_0/Q4_0
+    matrices kept quantized, fp32 for the rest.
     """
     layout = expert_layout(reader)
     planes = PlaneSizes.of(reader)
@@ -353,7 +359,8 @@ def shard_footprint(reader: ShardedModel, ctx: int, device: torch.device | str =
     scratch = 0 if layout.in_place or native else top_k + (0 if layout.codec == C.CODEC_NONE else 1)
     return model_footprint(reader.model_type, reader.config, planes.level_bytes, ctx,
                            largest_dense_stored_bytes=_largest_dense_bytes(reader), scratch_experts=scratch,
-                           expert_plane_bytes=planes.nbytes, experts_per_plane=planes.counts)
+                           expert_plane_bytes=planes.nbytes, experts_per_plane=planes.counts,
+                           held_weight_bytes=lambda model: held_weight_bytes(model, reader, device))
 
 
 def _top_k(reader: ShardedModel) -> int:
@@ -370,18 +377,28 @@ def default_ctx(config: dict, ctx: int | None, default: int = 2048) -> int:
     return min(default, int(config.get("max_position_embeddings") or default))
 
 
-def load_dense(model: MoECausalLM, reader: ShardedModel, progress: bool = False) -> None:
-    """Copy every dense tensor into the model, one read at a time (peak: one stored tensor).
+def load_dense(model: MoECausalLM, reader: ShardedModel, progress: bool = False, *,
+               device: torch.device | str = "cpu", quantized: bool = True) -> None:
+    """Load every dense tensor into the model, one read at a time (peak: about one stored tensor).
+
+    Q8_0 / Q4_0 matrices of ``nn.Linear`` / ``nn.Embedding`` modules stay packed
+    (``engine/quantized_dense.py``: the module is replaced by its quantized form) when ``quantized``
+    and the integer-dot kernels serve ``device``; every other tensor is widened to the parameter's
+    dtype (fp32). Parameters still on ``meta`` (``build_model(meta_parameters=True)``) are assigned
+    as they are read, so no full-size fp32 model exists before its weights do.
 
     Args:
-        model: the built model (its dense parameters are overwritten).
+        model: the built model (its dense parameters are overwritten or assigned).
         reader: the opened shards.
         progress: show a tqdm bar on stderr ("loading dense weights", stored bytes).
+        device: where the model will run (blocks stay packed only for the CPU).
+        quantized: False widens every block-typed matrix to fp32 (the reference).
 
     Raises:
         ModelFormatError: missing/unexpected tensors or shape mismatches (names them).
+        ChecksumError: a corrupt dense tensor (names it and its file).
     """
-    own = model.state_dict()
+    own = model.state_dict()  # names and shapes (parameters may be on meta)
     names = [n for n in reader.dense_names() if not (n == "lm_head.weight" and model.lm_head is None)]
     missing = sorted(set(own) - set(names))
     unexpected = sorted(set(names) - set(own))
@@ -390,25 +407,43 @@ def load_dense(model: MoECausalLM, reader: ShardedModel, progress: bool = False)
                                f"{missing[:5]}, unexpected {unexpected[:5]}; re-run convert")
     from tqdm import tqdm
 
+    targets = quantized_targets(model, reader, device, announce=True) if quantized else {}
     total = sum(reader.dense_record(n).nbytes for n in names)
     with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                                desc="loading dense weights", disable=not progress) as bar:
         for name in names:
-            t = reader.read_dense(name)
-            if tuple(t.shape) != tuple(own[name].shape):
-                raise ModelFormatError(f"{reader.paths[0]}: tensor {name} is {tuple(t.shape)}, the model expects "
-                                       f"{tuple(own[name].shape)}; re-run convert")
-            own[name].copy_(t)
-            del t
+            module, _, attr = name.rpartition(".")
+            if attr == "weight" and module in targets:
+                install_quantized(model, module, reader.read_dense_raw(name), str(reader.paths[0]))
+            else:
+                _assign(model, name, own[name], reader.read_dense(name), str(reader.paths[0]))
             bar.update(reader.dense_record(name).nbytes)
+    assert not any(p.is_meta for p in model.parameters()), "a parameter was left unloaded"
     for p in reader.paths:  # dense bytes were read with buffered preads: drop them from the page cache
         drop_cached_file(p)
 
 
+def _assign(model: MoECausalLM, name: str, target: torch.Tensor, t: torch.Tensor, where: str) -> None:
+    """Copy ``t`` into the tensor ``name`` (``target`` is its state-dict entry), allocating it if on meta."""
+    if tuple(t.shape) != tuple(target.shape):
+        raise ModelFormatError(f"{where}: tensor {name} is {tuple(t.shape)}, the model expects "
+                               f"{tuple(target.shape)}; re-run convert")
+    if not target.is_meta:
+        target.copy_(t)
+        return
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters[attr]
+    value = torch.empty(target.shape, dtype=target.dtype)
+    value.copy_(t)
+    module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+
+
 def _build(reader: ShardedModel) -> tuple[MoECausalLM, Any]:
+    """The family's model with parameters on ``meta`` (:func:`load_dense` assigns them)."""
     from moestream.engine.hf_loading import build_model
 
-    return build_model(reader.model_type, reader.config, torch.float32)
+    return build_model(reader.model_type, reader.config, torch.float32, meta_parameters=True)
 
 
 @dataclass
@@ -467,7 +502,7 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
                  format_bytes(plan.arena_bytes), format_bytes(plan.min_budget_bytes))
         model, args = _build(reader)
         model.check_expert_counts(dict(Counter(layer for layer, _ in reader.expert_keys())), str(reader.paths[0]))
-        load_dense(model, reader, progress=progress)
+        load_dense(model, reader, progress=progress, device=device)
         provider = StreamingExperts(reader, plan, cache_policy=cache_policy, precision_policy=precision_policy,
                                     n_moe_layers=len(model.moe_layers()), top_k=int(args.top_k), n_workers=n_workers,
                                     device=device, staged=staged, level_cap=level)
@@ -479,14 +514,14 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
 
 
 def load_resident_shard_model(path: str | Path, verify: str = "once") -> tuple[MoECausalLM, Any, ShardedModel]:
-    """The reference: a shard model with every expert decoded to fp32 and resident (no budget).
+    """The reference: a shard model with every expert and dense matrix decoded to fp32, resident (no budget).
 
     Returns:
         ``(model, args, reader)``; ``model.expert_provider`` is a :class:`ResidentExperts`.
     """
     reader = ShardedModel.open(path, verify=verify)
     model, args = _build(reader)
-    load_dense(model, reader)
+    load_dense(model, reader, quantized=False)
 
     def items():
         for layer, expert in reader.expert_keys():

@@ -254,6 +254,11 @@ class MoECausalLM(nn.Module):
         raise NotImplementedError
 
     # --- runtime -------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations and the KV cache use: the final norm's (a matrix may be held quantized)."""
+        return self.model.norm.weight.dtype
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Run the model on new tokens.
 
@@ -281,7 +286,7 @@ class MoECausalLM(nn.Module):
     def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                    device: torch.device | str = "cpu") -> KVCache:
         """Preallocate a KV cache for ``batch`` sequences of up to ``max_len`` positions."""
-        dtype = dtype or self.model.embed_tokens.weight.dtype
+        dtype = dtype or self.compute_dtype
         entries = [layer.self_attn.new_cache_entry(batch, max_len, dtype, device) for layer in self.model.layers]
         return KVCache(entries, max_len)
 
@@ -356,7 +361,7 @@ class MoECausalLM(nn.Module):
             if name in own and own[name].shape != t.shape:
                 raise ModelFormatError(f"tensor {name}: shape {tuple(t.shape)} in checkpoint, "
                                        f"model expects {tuple(own[name].shape)}")
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype = self.compute_dtype
         self.load_state_dict({k: v.to(dtype) for k, v in dense.items() if k in own}, strict=strict)
 
     def costs(self, bytes_per_param: int | None = None) -> ModelCosts:
@@ -366,11 +371,13 @@ class MoECausalLM(nn.Module):
             bytes_per_param: element size to count at; default is the model's dtype.
 
         Returns:
-            A :class:`ModelCosts`.
+            A :class:`ModelCosts`; a matrix held packed (a module with ``weight_numel``, e.g.
+            ``engine/quantized_dense.py``) counts as its elements at ``bytes_per_param`` too.
         """
         a = self.args
-        bpp = bytes_per_param or self.model.embed_tokens.weight.element_size()
-        dense = sum(p.numel() for p in self.parameters()) * bpp
+        bpp = bytes_per_param or torch.empty(0, dtype=self.compute_dtype).element_size()
+        packed = sum(int(getattr(m, "weight_numel", 0)) for m in self.modules())
+        dense = (sum(p.numel() for p in self.parameters()) + packed) * bpp
         expert = 3 * a.hidden_size * a.expert_intermediate_size * bpp
         blocks = [self.model.layers[i].mlp for i in self.moe_layers()]
         counts = tuple(int(b.num_experts) for b in blocks)

@@ -243,6 +243,10 @@ class MLAttention(nn.Module):
     contract: ``forward(x, cos, sin, start, cache)`` and ``new_cache_entry``.
     """
 
+    #: Submodules whose ``.weight`` this module reads directly (the absorbed path splits ``kv_b_proj``
+    #: per head): loaders keep them as ``nn.Linear`` instead of a packed quantized matrix.
+    direct_weight_modules: tuple[str, ...] = ("kv_b_proj",)
+
     def __init__(self, dims: MLADims, scale: float, rope_interleave: bool = True) -> None:
         """Args:
         dims: layer sizes.
