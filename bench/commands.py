@@ -67,6 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--llama", nargs="+", metavar="QTYPE", help="llama.cpp formats to run (default per suite)")
     p.add_argument("--moestream", nargs="+", metavar="DTYPE",
                    help="moestream shard formats from the data folder's paths.json (default: all listed)")
+    p.add_argument("--levels", type=int, nargs="+", metavar="J",
+                   help="nested-codec formats: the stored levels to run, one arm each (default all)")
+    p.add_argument("--activations", nargs="+", default=["int8"], choices=("int8", "fp32"),
+                   help="nested-codec arms: native-kernel activation modes, one arm each (default int8; fp32 = exact)")
     p.add_argument("--profile", action="store_true",
                    help="resident suite: profile decode steps of each moestream arm (torch.profiler + cProfile)")
     p.add_argument("--mode", choices=("teacher", "greedy"), help="decode mode (default: greedy for the trained "
@@ -129,22 +133,29 @@ def _stored_levels(shards: str) -> int:
 
 
 def _nested_arms(shards: str, levels: int, policies: list[str], precisions: list[str],
-                 codec: str = NESTED_CODEC) -> list[Arm]:
-    """One arm per stored level (``--level j``) x policy of a nested-codec shard model."""
-    return [Arm(f"moestream-{codec}-L{j}-{pol}" + ("" if prec == "exact" else f"-{prec}"), "moestream",
-                shards, f"{codec}-L{j}", cache_policy=pol, precision_policy=prec, extra=("--level", str(j)))
-            for j in range(levels) for pol in policies for prec in precisions]
+                 codec: str = NESTED_CODEC, only_levels: list[int] | None = None,
+                 activations: tuple[str, ...] = ("int8",)) -> list[Arm]:
+    """One arm per stored level (``--level j``) x policy x activation mode of a nested-codec shard model."""
+    def name(j: int, pol: str, prec: str, act: str) -> str:
+        return (f"moestream-{codec}-L{j}-{pol}" + ("" if prec == "exact" else f"-{prec}")
+                + ("" if tuple(activations) == ("int8",) else f"-{act}act"))
+
+    return [Arm(name(j, pol, prec, act), "moestream", shards, f"{codec}-L{j}", cache_policy=pol,
+                precision_policy=prec, extra=("--level", str(j), "--activations", act))
+            for j in range(levels) if only_levels is None or j in only_levels
+            for pol in policies for prec in precisions for act in activations]
 
 
 def _arms(paths: dict[str, str], moestream_fmts: list[str], policies: list[str], precisions: list[str],
-          llama: list[str]) -> list[Arm]:
+          llama: list[str], only_levels: list[int] | None = None, activations: tuple[str, ...] = ("int8",)) -> list[Arm]:
     """One arm per moestream format x policy (nested formats: one per stored level), then llama.cpp's."""
     arms = []
     for fmt in moestream_fmts:
         shards = paths[f"moestream_{fmt}"]
         levels = _stored_levels(shards) if fmt.startswith(("matryoshka", "residual")) else 0
         if levels:
-            arms += _nested_arms(shards, levels, policies, precisions, codec=fmt)
+            arms += _nested_arms(shards, levels, policies, precisions, codec=fmt, only_levels=only_levels,
+                                 activations=activations)
             continue
         arms += [Arm(f"moestream-{fmt}-{pol}" + ("" if prec == "exact" else f"-{prec}"), "moestream",
                      shards, fmt, cache_policy=pol, precision_policy=prec)
@@ -193,10 +204,12 @@ def build_config(args: argparse.Namespace) -> tuple[SuiteConfig, dict[str, Any],
         budgets = args.budgets or ([100, 50, 25] if suite == "synthetic" else [])
         reps = args.reps or 3
         notes = [SYNTHETIC_NOTE]
-    arms = _arms(paths, fmts, args.policies, args.precision, llama)
+    acts = tuple(args.activations)
+    arms = _arms(paths, fmts, args.policies, args.precision, llama, args.levels, acts)
     if suite == "nested":
         nested, levels = prepare_nested(Path(args.work_dir), Path(args.model_dir))
-        arms = _nested_arms(nested, levels, args.policies, args.precision) + arms
+        arms = _nested_arms(nested, levels, args.policies, args.precision, only_levels=args.levels,
+                            activations=acts) + arms
         notes.append(f"{NESTED_CODEC} shards: one file, level j = planes 0..j (2/4/8-bit experts; dense f16), "
                      "each level one arm (--level j); budgets are fractions of the f32 shards' bytes")
     ctx = args.prompt_tokens + steps + 16

@@ -4,7 +4,11 @@ Owns the measurement behind engine/native_kernels.py (issue 9): Y[M, N] = X[M, K
 expert shapes gate/up [768, 2048] and down [2048, 768], M = 1 (decode) and 16 (a prefill chunk),
 matryoshka_floor levels 2/4/8 bits (group 128), each computed by
 
-* ``native``        — engine/native_kernels.py straight from the stored planes (reads the stored bytes);
+* ``native fp32-act`` / ``native int8-act`` — engine/native_kernels.py straight from the stored planes
+                      (reads the stored bytes), with exact fp32 activations or int8 activations
+                      (integer dot products; the engine's default);
+* ``dense q4_0/q8_0`` — engine/dense_kernels.py, moestream's kernels on llama.cpp's own block formats
+                      (the dense matrices of a ``--dense q8_0|q4_0`` conversion);
 * ``decode+matmul`` — the codec's torch decode into a reused fp32 buffer, then ``F.linear`` (what a
                       streamed nested expert did on every use before the native kernel);
 * ``dequant``       — engine/kernels.py's dequant kernel (codes held unpacked, 1 B/weight, decoded
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 from moestream.bench.harness import cpu_model
 from moestream.bench.kernels_microbench import git_commit, read_bandwidth
 from moestream.convert.codecs import get_codec
+from moestream.engine import dense_kernels as dk
 from moestream.engine import kernels as K
 from moestream.engine import native_kernels as nk
 
@@ -126,13 +131,18 @@ def build_cases(n: int, k: int, m: int, cold_bytes: int, threads: int, ggml: Any
         enc0 = nk.random_encoded(codec, n, k, GROUP, rng)
         ops = [nk.encoded_operand(nk.random_encoded(codec, n, k, GROUP, rng), level)
                for _ in range(copies(nk.encoded_operand(enc0, level).nbytes))]
-        add("native", bits, ops[0].nbytes, [(lambda op=op: nk.linear(op, x)) for op in ops], ops)
+        for act in ("fp32", "int8"):  # the activation mode is switched per call (both arms pay the same ctypes call)
+            add(f"native {act}-act", bits, ops[0].nbytes,
+                [(lambda op=op, a=act: (nk.set_activation_mode(a), nk.linear(op, x))) for op in ops], ops)
         encs = [enc0.truncate(level) for _ in range(copies(enc0.nbytes(level), cap=16))]
         add("decode+matmul", bits, enc0.nbytes(level),
             [(lambda e=e, lv=level: F.linear(x, e.torch_decode(lv, out=scratch))) for e in encs], encs)
         deq = [K.KERNELS["dequant"].prepare(enc0, level) for _ in range(min(len(encs), copies(n * k, cap=16)))]
         add("dequant", bits, n * k + 8 * n * (k // GROUP),
             [(lambda d=d: K.KERNELS["dequant"].linear(d, x)) for d in deq], deq)
+    for kind, bits in (("q4_0", 4), ("q8_0", 8)):  # moestream's own kernels on llama.cpp's block formats
+        packed = [dk.quantize(wf, kind) for _ in range(copies(dk.quantize(wf, kind).nbytes, cap=64))]
+        add(f"dense {kind}", bits, packed[0].nbytes, [(lambda p=p: dk.linear(x, p)) for p in packed], packed)
     if ggml is not None:
         for qtype, bits in (("Q4_0", 4), ("Q8_0", 8)):
             nbytes = n * k * (18 if qtype == "Q4_0" else 34) // 32
@@ -199,9 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.write_text(json.dumps(doc, indent=1))
     args.out.with_suffix(".md").write_text(markdown(doc))
     print(json.dumps({"benchmark": "native_gemv", "out": str(args.out), "read_bandwidth_GBps": round(bw / 1e9, 2),
-                      "native_vs_fp32_cold_M1": {f"{r['N']}x{r['K']} {r['bits']}b t{r['threads']}":
+                      "native_vs_fp32_cold_M1": {f"{r['N']}x{r['K']} {r['kernel']} {r['bits']}b t{r['threads']}":
                                                  round(_ratio(rows, r, "fp32"), 2) for r in rows
-                                                 if r["kernel"] == "native" and r["M"] == 1 and r["cache"] == "cold"}}))
+                                                 if r["kernel"].startswith("native") and r["M"] == 1 and r["cache"] == "cold"}}))
     return doc
 
 

@@ -15,7 +15,9 @@ after each pass.
 
 With ``--profile-dir``, after the timed passes the prompt is run once more under
 ``cProfile`` and three decode steps each under ``torch.profiler`` and
-``cProfile``; their tables are written there.
+``cProfile``, then the prompt again and every teacher-forced step with per-component hooks
+(``bench/step_profile.py``: attention projections, experts, LM head, ...); their tables are
+written there.
 
 It is a child-process entry, not a library: the harness never imports it.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
 import sys
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--passes", type=int, default=2, help="1 = cold only; 2 = cold then warm")
     p.add_argument("--profile-dir")
+    p.add_argument("--activations", choices=("int8", "fp32"),
+                   help="nested-codec experts: native-kernel activation mode (default: the engine's)")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -67,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from moestream.engine.api import Engine
+
+    if args.activations:
+        from moestream.engine import native_kernels
+
+        native_kernels.set_activation_mode(args.activations)
 
     prompt, forced = read_tokens(args.tokens)
     t0 = time.perf_counter()
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             r["pass"] = "cold" if i == 0 else "warm"
             passes.append(r)
         if args.profile_dir:
-            _profile(args.profile_dir, step, forced or passes[0]["tokens"], cache, prefill, prompt)
+            _profile(args.profile_dir, model, step, forced or passes[0]["tokens"], cache, prefill, prompt)
     st = engine.stats()
     emit({"engine": "moestream", "ok": True, "load_s": load_s, "threads": torch.get_num_threads(),
           "mode": args.mode, "passes": passes, "memory_plan": st.get("memory_plan"),
@@ -111,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _profile(out_dir: str, step, tokens, cache, prefill, prompt) -> None:
-    """Three teacher-forced decode steps under torch.profiler and cProfile; tables written to ``out_dir``."""
+def _profile(out_dir: str, model, step, tokens, cache, prefill, prompt) -> None:
+    """Decode steps under torch.profiler, cProfile and per-component hooks (bench/step_profile.py); tables in ``out_dir``."""
     from torch.profiler import ProfilerActivity, profile
 
     out = Path(out_dir)
@@ -141,6 +151,13 @@ def _profile(out_dir: str, step, tokens, cache, prefill, prompt) -> None:
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(35)
     (out / "cprofile_decode_step.txt").write_text("3 decode steps, cProfile, sorted by tottime\n" + s.getvalue())
+    from moestream.bench.step_profile import format_table, profile_components
+
+    cache.reset()
+    prefill(prompt)
+    res = profile_components(model, step, tokens)
+    (out / "components_decode_step.json").write_text(json.dumps(res, indent=1))
+    (out / "components_decode_step.md").write_text(format_table(res))
 
 
 if __name__ == "__main__":

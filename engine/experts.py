@@ -14,7 +14,7 @@ and answers by ``(layer, expert)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,24 @@ class ExpertView:
     def nbytes(self) -> int:
         """Bytes held by this view's weights."""
         return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+
+def weighted_expert_sum(views: Sequence[Any], weights: Sequence[float], x: torch.Tensor) -> torch.Tensor:
+    """``Σ_j weights[j] · views[j].ffn(x)`` in the given order (x ``[N, H]``).
+
+    Native nested views (``engine/native_kernels.py``) run as one fused call that shares the activation
+    quantization; any other view runs its own ``ffn``. Both sum in the same order with the same fp32
+    operations.
+    """
+    from moestream.engine.native_kernels import NestedPlaneView, moe_ffn
+
+    if views and x.device.type == "cpu" and x.dtype == torch.float32 and all(type(v) is NestedPlaneView for v in views):
+        return moe_ffn(views, weights, x)
+    out = None
+    for view, w in zip(views, weights):
+        y = view.ffn(x) * w
+        out = y if out is None else out + y
+    return out if out is not None else torch.zeros_like(x)
 
 
 @runtime_checkable

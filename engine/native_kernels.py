@@ -82,6 +82,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.nq_linear_portable.argtypes, lib.nq_linear_portable.restype = [P, P, P, I64, P], I32
     lib.nq_ffn.argtypes, lib.nq_ffn.restype = [P, P, P, I64, P, I32], I32
     lib.nq_set_act.argtypes, lib.nq_set_act.restype = [I32], I32
+    lib.nq_moe.argtypes, lib.nq_moe.restype = [P, P, P, I64, P, I64, P, I32], I32
     return lib
 
 
@@ -411,6 +412,28 @@ class NestedPlaneView:
         _check(library().nq_ffn(self._desc.ctypes.data, self._bases.ctypes.data, x.data_ptr(), m, y.data_ptr(),
                                 torch.get_num_threads()))
         return y
+
+
+def moe_ffn(views: Sequence[NestedPlaneView], weights: Sequence[float], x: torch.Tensor) -> torch.Tensor:
+    """``Σ_e weights[e] · views[e].ffn(x)`` in one native call, summed in the given order (x ``[M, H]`` fp32).
+
+    Equals the per-view loop (``ffn`` then multiply and add in fp32) bit for bit; with int8 activations
+    x is quantized once for all experts instead of once per expert.
+    """
+    x = _as_input(x)
+    m = x.shape[0]
+    e = len(views)
+    y = torch.empty((m, x.shape[1]), dtype=torch.float32)
+    if m == 0 or e == 0:
+        return y.zero_()
+    descs = np.concatenate([v._desc for v in views])  # [3E, D_STRIDE]
+    bases = np.zeros((e, MAXP), dtype=np.int64)
+    for i, v in enumerate(views):
+        bases[i, :len(v._bases)] = v._bases
+    w = np.repeat(np.asarray(weights, dtype=np.float32), m)  # [E, M] row-major
+    _check(library().nq_moe(descs.ctypes.data, bases.ctypes.data, w.ctypes.data, e, x.data_ptr(), m,
+                            y.data_ptr(), torch.get_num_threads()))
+    return y
 
 
 class PlaneKernels:

@@ -650,9 +650,12 @@ static row_i8_fn pick_i8(const proj_t *p) {
 
 typedef struct { int8_t *q; float *d, *sq; void *mem; } actq_t;
 
+static void *scratch(int which, size_t bytes);
+
+/* activations quantized into per-thread scratch slot 1 (valid until the next actq_make on this thread) */
 static int actq_make(const float *X, int64_t M, int64_t K, actq_t *a) {
     const size_t nq = (size_t)(M * K), nd = (size_t)(M * (K / 32)), ns = (size_t)(M * (K / 128));
-    a->mem = malloc(((nq + 63) / 64) * 64 + (nd + ns) * sizeof(float));
+    a->mem = scratch(1, ((nq + 63) / 64) * 64 + (nd + ns) * sizeof(float));
     if (a->mem == NULL) return 6;
     a->q = (int8_t *)a->mem;
     a->d = (float *)(a->q + ((nq + 63) / 64) * 64);
@@ -740,6 +743,46 @@ static int run_proj(const proj_t *p, const float *X, const float *Xp, int64_t M,
     return 0;
 }
 
+/* per-thread scratch, grown on demand and kept: no allocation per call in steady decode */
+static _Thread_local void *g_scratch[2];
+static _Thread_local size_t g_scratch_cap[2];
+
+static void *scratch(int which, size_t bytes) {
+    if (bytes > g_scratch_cap[which]) {
+        void *p = realloc(g_scratch[which], bytes);
+        if (p == NULL) return NULL;
+        g_scratch[which] = p;
+        g_scratch_cap[which] = bytes;
+    }
+    return g_scratch[which];
+}
+
+#if NQ_AVX2
+/* int8 SwiGLU expert; xq: X already quantized (or NULL). gate/up/SwiGLU hidden in scratch slot 0. */
+static int ffn_i8(const proj_t *gate, const proj_t *up, const proj_t *down, const float *X, const actq_t *xq,
+                  int64_t M, float *Y, int nthreads) {
+    const int64_t I = gate->N, H = gate->K;
+    float *gx = (float *)scratch(0, (size_t)(2 * M * I) * sizeof(float));
+    if (gx == NULL) return 6;
+    float *ux = gx + M * I;
+    actq_t a;
+    if (xq == NULL) {
+        if (actq_make(X, M, H, &a)) return 6;
+        xq = &a;
+    }
+    run_i8(gate, xq, M, gx, nthreads);
+    run_i8(up, xq, M, ux, nthreads);
+    for (int64_t i = 0; i < M * I; i++) {
+        const float g = gx[i];
+        gx[i] = g / (1.0f + expf(-g)) * ux[i];
+    }
+    actq_t h;
+    if (actq_make(gx, M, I, &h)) return 6;
+    run_i8(down, &h, M, Y, nthreads);
+    return 0;
+}
+#endif
+
 /* ---------------------------------------------------------------------------------- exported */
 int nq_abi(void) { return 100 * D_STRIDE + 10 * MAXP + NQ_AVX2; }
 
@@ -761,7 +804,6 @@ int nq_linear(const int64_t *desc, const int64_t *bases, const float *X, int64_t
         actq_t a;
         if (actq_make(X, M, p.K, &a)) return 6;
         run_i8(&p, &a, M, Y, nthreads);
-        free(a.mem);
         return 0;
     }
 #endif
@@ -782,20 +824,8 @@ int nq_ffn(const int64_t *desc, const int64_t *bases, const float *X, int64_t M,
     float *gx = work, *ux = work + M * I, *xp = NULL;
 #if NQ_AVX2
     if (use_i8(&gate) && use_i8(&up) && use_i8(&down)) {
-        actq_t a;
-        if (actq_make(X, M, H, &a)) { free(work); return 6; }
-        run_i8(&gate, &a, M, gx, nthreads);
-        run_i8(&up, &a, M, ux, nthreads);
-        free(a.mem);
-        for (int64_t i = 0; i < M * I; i++) {
-            const float g = gx[i];
-            gx[i] = g / (1.0f + expf(-g)) * ux[i];
-        }
-        if (actq_make(gx, M, I, &a)) { free(work); return 6; }
-        run_i8(&down, &a, M, Y, nthreads);
-        free(a.mem);
         free(work);
-        return 0;
+        return ffn_i8(&gate, &up, &down, X, NULL, M, Y, nthreads);
     }
     if (blocked_ok(&gate) && blocked_ok(&up)) { /* permute X once for both */
         xp = work + 2 * M * I;
@@ -812,6 +842,64 @@ int nq_ffn(const int64_t *desc, const int64_t *bases, const float *X, int64_t M,
         err = run_proj(&down, gx, NULL, M, Y, nthreads);
     }
     free(work);
+    return err;
+}
+
+/* Y[M, H] = Σ_e w[e·M + m] · ffn_e(X)[m] over E experts; descs [E][3][D_STRIDE], bases [E][MAXP].
+ * One call per MoE layer and token group: the int8 path quantizes X once for every expert. */
+int nq_moe(const int64_t *descs, const int64_t *bases, const float *w, int64_t E, const float *X, int64_t M,
+           float *Y, int nthreads) {
+    if (E <= 0 || M <= 0) return E < 0 || M < 0 ? 5 : 0;
+    proj_t p[3];
+    int err = 0;
+    for (int j = 0; j < 3 && !err; j++) err = parse(descs + j * D_STRIDE, bases, &p[j]);
+    if (err) return err;
+    const int64_t H = p[0].K;
+    float *tmp = (float *)malloc((size_t)(M * H) * sizeof(float));
+    if (tmp == NULL) return 6;
+    memset(Y, 0, (size_t)(M * H) * sizeof(float));
+#if NQ_AVX2
+    actq_t xq;
+    int have_xq = 0;
+#endif
+    for (int64_t e = 0; e < E && !err; e++) {
+        const int64_t *d = descs + e * 3 * D_STRIDE, *b = bases + e * MAXP;
+        for (int j = 0; j < 3 && !err; j++) err = parse(d + j * D_STRIDE, b, &p[j]);
+        if (err) break;
+        if (p[0].K != H || p[1].K != H || p[2].N != H || p[1].N != p[0].N || p[2].K != p[0].N) { err = 5; break; }
+#if NQ_AVX2
+        if (use_i8(&p[0]) && use_i8(&p[1]) && use_i8(&p[2])) {
+            if (!have_xq) {
+                /* keep X's quantization in its own buffer: ffn_i8 reuses scratch slot 1 for the hidden */
+                const size_t nq = (size_t)(M * H), nd = (size_t)(M * (H / 32)), ns = (size_t)(M * (H / 128));
+                xq.mem = malloc(((nq + 63) / 64) * 64 + (nd + ns) * sizeof(float));
+                if (xq.mem == NULL) { err = 6; break; }
+                xq.q = (int8_t *)xq.mem;
+                xq.d = (float *)(xq.q + ((nq + 63) / 64) * 64);
+                xq.sq = xq.d + nd;
+                for (int64_t m = 0; m < M; m++)
+                    quantize_perm128(X + m * H, H, xq.q + m * H, xq.d + m * (H / 32), xq.sq + m * (H / 128));
+                have_xq = 1;
+            }
+            err = ffn_i8(&p[0], &p[1], &p[2], X, &xq, M, tmp, nthreads);
+        } else
+#endif
+        {
+            err = nq_ffn(d, b, X, M, tmp, nthreads);
+        }
+        if (err) break;
+        const float *we = w + e * M;
+        for (int64_t m = 0; m < M; m++) {
+            const float s = we[m];
+            float *y = Y + m * H;
+            const float *t = tmp + m * H;
+            for (int64_t h = 0; h < H; h++) y[h] += s * t[h];
+        }
+    }
+#if NQ_AVX2
+    if (have_xq) free(xq.mem);
+#endif
+    free(tmp);
     return err;
 }
 """

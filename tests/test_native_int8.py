@@ -122,3 +122,32 @@ def test_mode_switch_and_environment(monkeypatch):
         nk.activation_mode()
     with pytest.raises(ValueError, match="int8 or fp32"):
         nk.set_activation_mode("bf16")
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp32"])
+@pytest.mark.parametrize("name", ["matryoshka_floor", "residual"])
+def test_fused_moe_equals_loop_over_views(mode, name):
+    """One native call per MoE layer (shared activation quantization) == ffn per view, weighted, summed in order."""
+    from moestream.engine.experts import weighted_expert_sum
+
+    nk.set_activation_mode(mode)
+    rng = np.random.default_rng(5)
+    codec = get_codec(name)
+    hidden, inter, gs = 256, 128, 128
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    views, vs = [], nk.NestedViews()
+    for e in range(6):
+        enc = {p: nk.random_encoded(codec, *shapes[p], gs, rng) for p in shapes}
+        blobs = [b.view(np.uint8) for b in planes_from_encoded(codec, gs, shapes, enc)]
+        level = e % len(blobs)  # experts at different levels in one call
+        views.append(vs.view(blobs[:level + 1], level))
+    weights = [0.3, 0.05, 0.2, 0.15, 0.2, 0.1]
+    for m in (1, 3):
+        x = torch.randn(m, hidden)
+        loop = None
+        for v, w in zip(views, weights):
+            y = v.ffn(x) * w
+            loop = y if loop is None else loop + y
+        assert torch.equal(nk.moe_ffn(views, weights, x), loop)
+        assert torch.equal(weighted_expert_sum(views, weights, x), loop)
+    assert torch.equal(nk.moe_ffn([], [], torch.randn(1, hidden)), torch.zeros(1, hidden))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moestream.engine.experts import ExpertProvider
+from moestream.engine.experts import ExpertProvider, weighted_expert_sum
 from moestream.engine.kv_cache import LayerCache
 
 RoutingHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -362,13 +362,9 @@ class MoEBlock(nn.Module):
         provider = self._runtime.require_provider()
         views = provider.acquire(self.layer_idx, id_list, w_list)
         try:
-            out = None
-            for e, w in zip(id_list, w_list):
-                y = views[e].ffn(x) * w  # [1, H]
-                out = y if out is None else out + y
+            return weighted_expert_sum([views[e] for e in id_list], w_list, x)  # [1, H]
         finally:
             provider.release(self.layer_idx, id_list)
-        return out
 
     def _routed_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Many tokens: ``x [N, H]``, ``ids/weights [N, k]`` -> ``[N, H]``, one call per chosen expert."""
