@@ -23,7 +23,15 @@ Kernels (all CPU; each equals dequantize-then-matmul within fp32 rounding):
 * ``native``      — the C kernel of ``engine/native_kernels.py``: computes straight from the
                     stored planes, scales and zeros (no unpacked copy; the bytes held are the
                     stored bytes), any matryoshka / residual level; available when a C compiler
-                    built it (``MOESTREAM_NATIVE_KERNELS=0`` turns it off).
+                    built it (``MOESTREAM_NATIVE_KERNELS=0`` turns it off). matryoshka_floor levels
+                    with 2/4-bit planes and groups % 128 run with int8 activations by default
+                    (integer dot products, the llama.cpp trade: equal to the decode times the
+                    quantized activations within fp32 rounding); ``MOESTREAM_NESTED_ACTIVATIONS=fp32``
+                    keeps activations exact. Chosen by ``bench/native_gemv.py`` (int8-act vs
+                    fp32-act vs ggml per level, committed in bench/results).
+
+Dense matrices stored as Q8_0 / Q4_0 (``convert --dense``) have their own kernels in
+``engine/dense_kernels.py`` (same activation quantization), used by ``engine/quantized_dense.py``.
 
 Knows nothing about files, the scheduler or model families: it consumes
 ``moestream.convert.codecs`` records and fp32 activations.

@@ -129,7 +129,7 @@ _act_override: str | None = None
 
 
 def activation_mode() -> str:
-    """``int8`` (default: activations quantized per block of 32, integer dot products, like llama.cpp) or
+    """``int8`` (default: activations quantized per 128 inputs, integer dot products, like llama.cpp) or
     ``fp32`` (exact activations): :func:`set_activation_mode`, else ``MOESTREAM_NESTED_ACTIVATIONS``.
 
     int8 applies to matryoshka_floor levels with 2/4-bit planes and group size % 128 == 0
@@ -155,16 +155,16 @@ def set_activation_mode(mode: str | None) -> None:
 def quantize_activations_perm128(x: torch.Tensor) -> torch.Tensor:
     """The int8-path activations of x [M, K] dequantized back to fp32 (what the kernel multiplies by).
 
-    Per 128-chunk, block s holds x[128c + 4j + s] (j = 0..31), quantized like
-    ``dense_kernels.quantize_activations`` (the C code shares its routine).
+    One scale per 128-chunk, d = max|x| / 127 (fp32), codes round-half-even(x · (1/d)) clipped to ±127
+    (0 when d == 0): llama.cpp's Q8_K scheme with 128-element blocks. (The kernel stores the codes in a
+    strided order; the values are these.)
     """
-    from moestream.engine.dense_kernels import quantize_activations
-
     m, k = x.shape
-    perm = x.float().reshape(m, k // 128, 32, 4).transpose(2, 3).reshape(m, k)
-    q, d = quantize_activations(perm)
-    deq = (q.view(m, k // 32, 32).float() * d.unsqueeze(-1)).view(m, k // 128, 4, 32)
-    return deq.transpose(2, 3).reshape(m, k)
+    xc = x.float().reshape(m, k // 128, 128)
+    d = xc.abs().amax(dim=-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(xc * inv.unsqueeze(-1)).clamp_(-127, 127)
+    return (q * d.unsqueeze(-1)).view(m, k)
 
 
 def int8_applies(codec: Codec, level: int, group_size: int) -> bool:

@@ -507,10 +507,11 @@ static void rows_with(const row_fn *f, const proj_t *p, const float *X, int64_t 
 /*@QUANTIZE_BLOCK32@*/
 
 /* ------------------------------------------------------------------ int8-activation path (AVX2)
- * Activations are quantized per 128-chunk c of K into four blocks s = 0..3, block s holding
- * x[128c + 4j + s] (j = 0..31) as int8 with scale d = max|x| / 127, round half to even (the order in
- * which one load of a 2- or 4-bit plane yields its codes, so weights never need a shuffle per token);
- * SQ[c] = Σ_s d_s·Σ_j q. Floor levels: Σ_k ŵ_k x̂_k = α·(2^shift·Σ_k q'_k x̂_k + (2^shift·qoff + centre − z)·SQ)
+ * Activations are quantized per 128-chunk c of K with one scale d = max|x| / 127 (like llama.cpp's
+ * Q8_K, which uses 256), round half to even, stored as four blocks s = 0..3, block s holding
+ * x[128c + 4j + s] (j = 0..31): the order in which one load of a 2- or 4-bit plane yields its codes,
+ * so weights never need a shuffle per token; SQ[c] = d·Σ q. The chunk's four integer dot products
+ * are summed in int32 (|Σ| < 2^21), converted once. Floor levels: Σ_k ŵ_k x̂_k = α·(2^shift·Σ_k q'_k x̂_k + (2^shift·qoff + centre − z)·SQ)
  * with q' = q − qoff (qoff = 128 when the code has 8 bits, so q' fits int8 and llama.cpp's sign trick
  * keeps maddubs exact; 0 otherwise). Needs floor kind, planes of 2 or 4 bits, group size % 128 == 0. */
 static int i8_ok(const proj_t *p) {
@@ -523,20 +524,31 @@ static int i8_ok(const proj_t *p) {
     return tot <= 8 && p->shift == 8 - tot;
 }
 
+/* one scale per 128-chunk (d = max|x| / 127 over the chunk, Q8_K-style), codes round-half-even(x / d)
+ * written as four strided blocks (block s = x[128c + 4j + s], j = 0..31); sq[c] = d·Σ q */
 static void quantize_perm128(const float *x, int64_t K, int8_t *q, float *d, float *sq) {
-    float t[QK];
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
     for (int64_t c = 0; c < K / 128; c++) {
-        float tot = 0.0f;
+        const float *xc = x + 128 * c;
+        __m256 mx = _mm256_setzero_ps();
+        for (int i = 0; i < 16; i++) mx = _mm256_max_ps(mx, _mm256_andnot_ps(signbit, _mm256_loadu_ps(xc + 8 * i)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        const float db = _mm_cvtss_f32(m4) / 127.0f;
+        const float id = db > 0.0f ? 1.0f / db : 0.0f;
+        int isum = 0;
         for (int s = 0; s < 4; s++) {
-            for (int j = 0; j < QK; j++) t[j] = x[128 * c + 4 * j + s];
-            int8_t *qb = q + 128 * c + QK * s;
-            const float db = quantize_block32(t, qb);
-            d[4 * c + s] = db;
-            int isum = 0;
-            for (int j = 0; j < QK; j++) isum += qb[j];
-            tot += db * (float)isum;
+            int8_t *qb = q + 128 * c + 32 * s;
+            for (int j = 0; j < 32; j++) {
+                float r = nearbyintf(xc[4 * j + s] * id); /* round half to even (default FP mode) */
+                r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+                qb[j] = (int8_t)r;
+                isum += qb[j];
+            }
         }
-        sq[c] = tot;
+        d[c] = db;
+        sq[c] = db * (float)isum;
     }
 }
 
@@ -601,13 +613,13 @@ static inline __attribute__((always_inline)) void tile_i8(const proj_t *p, int64
             for (int t = 0; t < MB; t++) {
                 const int64_t m = m0 + t;
                 const int8_t *xq = XQ + m * K + 128 * c;
-                const float *dx = DX + m * (K / 32) + 4 * c;
+                __m256i isum = _mm256_setzero_si256();
                 for (int s = 0; s < 4; s++) {
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * s));
                     if (wide) xv = _mm256_sign_epi8(xv, q[s]);
-                    const __m256i i32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ax[s], xv), _mm256_set1_epi16(1));
-                    acc[t][s % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_set1_ps(dx[s] * a), acc[t][s % NA]);
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(ax[s], xv), _mm256_set1_epi16(1)));
                 }
+                acc[t][c % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(DX[m * nc + c] * a), acc[t][c % NA]);
                 zacc[t] += off * SQ[m * nc + c];
             }
         }
@@ -654,13 +666,13 @@ static void *scratch(int which, size_t bytes);
 
 /* activations quantized into per-thread scratch slot 1 (valid until the next actq_make on this thread) */
 static int actq_make(const float *X, int64_t M, int64_t K, actq_t *a) {
-    const size_t nq = (size_t)(M * K), nd = (size_t)(M * (K / 32)), ns = (size_t)(M * (K / 128));
+    const size_t nq = (size_t)(M * K), nd = (size_t)(M * (K / 128)), ns = (size_t)(M * (K / 128));
     a->mem = scratch(1, ((nq + 63) / 64) * 64 + (nd + ns) * sizeof(float));
     if (a->mem == NULL) return 6;
     a->q = (int8_t *)a->mem;
     a->d = (float *)(a->q + ((nq + 63) / 64) * 64);
     a->sq = a->d + nd;
-    for (int64_t m = 0; m < M; m++) quantize_perm128(X + m * K, K, a->q + m * K, a->d + m * (K / 32), a->sq + m * (K / 128));
+    for (int64_t m = 0; m < M; m++) quantize_perm128(X + m * K, K, a->q + m * K, a->d + m * (K / 128), a->sq + m * (K / 128));
     return 0;
 }
 
@@ -871,14 +883,14 @@ int nq_moe(const int64_t *descs, const int64_t *bases, const float *w, int64_t E
         if (use_i8(&p[0]) && use_i8(&p[1]) && use_i8(&p[2])) {
             if (!have_xq) {
                 /* keep X's quantization in its own buffer: ffn_i8 reuses scratch slot 1 for the hidden */
-                const size_t nq = (size_t)(M * H), nd = (size_t)(M * (H / 32)), ns = (size_t)(M * (H / 128));
+                const size_t nq = (size_t)(M * H), nd = (size_t)(M * (H / 128)), ns = (size_t)(M * (H / 128));
                 xq.mem = malloc(((nq + 63) / 64) * 64 + (nd + ns) * sizeof(float));
                 if (xq.mem == NULL) { err = 6; break; }
                 xq.q = (int8_t *)xq.mem;
                 xq.d = (float *)(xq.q + ((nq + 63) / 64) * 64);
                 xq.sq = xq.d + nd;
                 for (int64_t m = 0; m < M; m++)
-                    quantize_perm128(X + m * H, H, xq.q + m * H, xq.d + m * (H / 32), xq.sq + m * (H / 128));
+                    quantize_perm128(X + m * H, H, xq.q + m * H, xq.d + m * (H / 128), xq.sq + m * (H / 128));
                 have_xq = 1;
             }
             err = ffn_i8(&p[0], &p[1], &p[2], X, &xq, M, tmp, nthreads);

@@ -1,10 +1,10 @@
 """The nested kernels' int8-activation path (engine/native_kernels.py, ``activation_mode() == "int8"``).
 
 Reference: the codec's torch decode times the activations the kernel actually multiplies by
-(``quantize_activations_perm128``: per 128-chunk, four strided blocks of 32 quantized like Q8_0), in
-float64. Every block dot product is an exact integer, so the kernel differs from that reference only
-by fp32 rounding of the per-block scaling and the sums over blocks and groups: |err| ≤ γ_n·Σ|ŵ||x̂|
-with n = K/32 + 2·K/128 + 16. Against unquantized activations the error is the int8 rounding of x
+(``quantize_activations_perm128``: one int8 scale per 128 inputs, llama.cpp's Q8_K scheme), in
+float64. Every chunk's dot product is an exact integer, so the kernel differs from that reference only
+by fp32 rounding of the per-chunk scaling and the sums over chunks and groups: |err| ≤ γ_n·Σ|ŵ||x̂|
+with n = K/32 + 2·K/128 + 16 (a loose count). Against unquantized activations the error is the int8 rounding of x
 (≈ 0.5 % relative here), the trade llama.cpp makes; levels and layouts the int8 path does not take
 stay exact.
 """
