@@ -151,6 +151,10 @@ class PlaneSizes:
         return tuple(out)
 
 
+#: Acquires per MoE layer with every expert resident after which prefetch hints pause (until a miss).
+HINT_PAUSE_AFTER_HITS = 4
+
+
 class StreamingExperts:
     """ExpertProvider streaming experts from shards through a fixed arena.
 
@@ -179,8 +183,6 @@ class StreamingExperts:
         BudgetError: never (the plan was checked); ``CacheCapacityError`` only on a scheduler bug.
     """
 
-    wants_hints = True
-
     def __init__(self, reader: ShardedModel, plan: MemoryPlan, *, cache_policy: str = "lru",
                  precision_policy: str = "exact", n_moe_layers: int = 1, top_k: int = 1,
                  n_workers: int = DEFAULT_IO_WORKERS, device: torch.device | str = "cpu",
@@ -195,6 +197,10 @@ class StreamingExperts:
         self.n_experts_total = len(reader.expert_keys())
         self.level_cap = level_cap
         self._top = {(l, e): reader.n_levels(l, e) - 1 for l, e in reader.expert_keys()}
+        self._needed_keys: list[tuple[int, int, int]] | None = None  # every expert's planes (wants_hints)
+        self._resident_checked_at = -1  # cache.loads_started when everything was last found resident
+        self._hit_streak = 0  # consecutive acquires whose experts were all resident
+        self._hint_pause_after = HINT_PAUSE_AFTER_HITS * max(1, n_moe_layers)
         planes = PlaneSizes.of(reader)
         n_planes = len(planes.nbytes) if level_cap is None else min(len(planes.nbytes), level_cap + 1)
         plane_bytes, plane_counts = planes.nbytes[:n_planes], planes.counts[:n_planes]
@@ -279,6 +285,31 @@ class StreamingExperts:
         down32.copy_(down)
         return ExpertView(gate=gate_up[:i], up=gate_up[i:], down=down32, level=level, gate_up=gate_up)
 
+    @property
+    def wants_hints(self) -> bool:
+        """Whether the MoE blocks should spend a router call per layer on a prefetch hint.
+
+        False once every expert's planes (at the level it runs at) are READY in the arena (re-checked
+        after each new load), and while the last ``HINT_PAUSE_AFTER_HITS`` acquires (about four tokens
+        of every MoE layer) found all their experts resident: a hint cannot help then. The first miss
+        turns hints back on.
+        """
+        if self._hit_streak >= self._hint_pause_after:
+            return False
+        loads = self.cache.loads_started
+        if loads != self._resident_checked_at:
+            if self._needed_keys is None:
+                nested = self.cache.nested_levels
+                self._needed_keys = [(l, e, lv) for (l, e), top in self._top.items()
+                                     for lv in (range(self._level(top) + 1) if nested else [self._level(top)])]
+            if not self.cache.holds_all(self._needed_keys):
+                return True  # loads in flight or missing experts: check again next time
+            self._resident_checked_at = loads
+        return False
+
+    def _level(self, top: int) -> int:
+        return top if self.level_cap is None else min(self.level_cap, top)
+
     # ------------------------------------------------------------------ ExpertProvider
     def hint(self, layer: int, predicted_ids: torch.Tensor, predicted_weights: torch.Tensor) -> None:
         """Prefetch layer ``layer``'s predicted experts (never evicts pinned ones)."""
@@ -304,14 +335,18 @@ class StreamingExperts:
         self._acquires += 1
         self._scratch_next = 0
         levels = self.levels_for(layer, ids)
+        misses = self.cache.layer_misses(layer)
         try:
-            return self.cache.acquire(layer, ids, gate_weights, levels=levels)
+            views = self.cache.acquire(layer, ids, gate_weights, levels=levels)
+            self._hit_streak = self._hit_streak + 1 if self.cache.layer_misses(layer) == misses else 0
+            return views
         except CacheCapacityError:
             # Slots taken by prefetches still in flight: undo the partial pins, let them land, retry once.
             self.cache.release(layer, ids)
             self.cache.wait_idle()
             self._retries += 1
             self._scratch_next = 0
+            self._hit_streak = 0
             return self.cache.acquire(layer, ids, gate_weights, levels=levels)
 
     def release(self, layer: int, expert_ids: Sequence[int]) -> None:

@@ -120,6 +120,11 @@ class ExpertArena:
         index = self._by_key.get(key)
         return None if index is None else self.slots[index]
 
+    @property
+    def n_held(self) -> int:
+        """How many keys are held (LOADING or READY)."""
+        return len(self._by_key)
+
     def keys(self) -> Iterator[Key]:
         """Keys currently held (LOADING or READY)."""
         return iter(list(self._by_key))

@@ -29,7 +29,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
@@ -117,6 +117,7 @@ class StreamingExpertCache:
         self._hinted: dict[int, set[int]] = {}
         self._held: Counter = Counter()  # (layer, level) -> slots held
         self._inflight: set[Future] = set()
+        self.loads_started = 0  # slices claimed for loading (prefetch or demand) since construction
         self._stats: dict[int, dict] = defaultdict(_layer_stats)
 
     # ------------------------------------------------------------------ public API
@@ -217,6 +218,18 @@ class StreamingExpertCache:
                 if left is not None and left <= 0:
                     raise TimeoutError("loads still in flight")
                 self._cond.wait(left)
+
+    def layer_misses(self, layer: int) -> int:
+        """Acquired experts of ``layer`` that were not resident, so far."""
+        stats = self._stats.get(layer)
+        return 0 if stats is None else stats["misses"]
+
+    def holds_all(self, keys: Sequence[Key]) -> bool:
+        """True when every key is READY in the arena and no load is in flight (O(1) when plainly not)."""
+        with self._cond:
+            if self._inflight or self.arena.n_held < len(keys):
+                return False
+            return all(self._ready(k) for k in keys)
 
     def resident_levels(self, layer: int, expert: int) -> list[int]:
         """Levels of (layer, expert) whose slice is READY."""
@@ -358,6 +371,7 @@ class StreamingExpertCache:
         slot = self._claim_slot(key, rng.nbytes, protect)
         if slot is None:
             return False
+        self.loads_started += 1
         if pin:
             self.arena.pin(slot)
         self._held[(key[0], key[2])] += 1

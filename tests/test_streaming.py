@@ -277,3 +277,47 @@ def test_prefetch_hints_come_from_the_next_moe_layer_router_and_change_nothing(m
         nxt = model.model.layers[moe[1]]
         want, _ = nxt.mlp.gate(nxt.post_attention_layernorm(outs["h"]).reshape(-1, outs["h"].shape[-1]))
     assert (recorder.hints[moe[1]][-1] == want.numpy()).all()
+
+
+def test_prefetch_hints_pause_while_everything_hits_and_resume_on_a_miss(models):
+    """Hints cost a router call per layer: they pause after HINT_PAUSE_AFTER_HITS tokens' worth of all-hit
+    acquires and come back with the first miss; logits never change."""
+    low, _, high = budgets(models["f32"])
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(3))
+    ref = run_logits(reference(models, "f32"), ids, prefill=16)
+    for budget in (low, high):
+        loaded = load_streaming_model(models["f32"], memory=budget, ctx=CTX)
+        provider = loaded.model.expert_provider
+        try:
+            assert provider.wants_hints
+            assert torch.equal(run_logits(loaded.model, ids, prefill=16), ref)
+            provider._hit_streak = provider._hint_pause_after  # as after that many all-hit acquires
+            assert not provider.wants_hints
+            before = provider.stats()["hints"]
+            got = run_logits(loaded.model, ids, prefill=16)
+            assert torch.equal(got, ref)
+            missed = provider._hit_streak < provider._hint_pause_after
+            if budget == low:  # the minimum arena cannot hold this prompt's experts: misses resume hints
+                assert missed and provider.wants_hints
+            if not missed:
+                assert provider.stats()["hints"] == before  # paused for the whole run
+        finally:
+            provider.close()
+
+
+def test_hints_stop_once_every_expert_is_resident(models):
+    _, _, high = budgets(models["f32"])
+    loaded = load_streaming_model(models["f32"], memory=high, ctx=CTX)
+    provider = loaded.model.expert_provider
+    try:
+        n_keys = sum(1 for _ in provider._top)
+        if provider.arena.slot_counts[0] < n_keys:
+            pytest.skip("the 'high' budget does not hold every expert")
+        for (layer, expert) in provider._top:  # load every expert once
+            provider.acquire(layer, [expert], [1.0])
+            provider.release(layer, [expert])
+        provider.cache.wait_idle()
+        provider._hit_streak = 0
+        assert not provider.wants_hints  # everything READY: nothing to prefetch
+    finally:
+        provider.close()
