@@ -335,6 +335,10 @@ class StreamingExperts:
         self._acquires += 1
         self._scratch_next = 0
         levels = self.levels_for(layer, ids)
+        fast = self.cache.acquire_resident(layer, list(dict.fromkeys(ids)), levels)
+        if fast is not None:
+            self._hit_streak += 1
+            return fast
         misses = self.cache.layer_misses(layer)
         try:
             views = self.cache.acquire(layer, ids, gate_weights, levels=levels)

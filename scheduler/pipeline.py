@@ -174,6 +174,38 @@ class StreamingExpertCache:
         """
         return dict(self.acquire_iter(layer, expert_ids, gate_weights, levels))
 
+    def acquire_resident(self, layer: int, experts: Sequence[int], levels: Mapping[int, int]) -> dict[int, Any] | None:
+        """The all-hit fast path of :meth:`acquire`: when every needed slice of every expert (distinct ids)
+        is READY, pin and decode them with the same stats, policy calls and pin records as ``acquire``;
+        otherwise change nothing and return None (the caller takes the general path)."""
+        if self.precision_policy == "adaptive" and not self.nested_levels:
+            return None  # adaptive pins extra lower levels there: the general path handles it
+        with self._cond:
+            found = []
+            for e in experts:
+                keys = self._required_keys(layer, e, self._needed(e, levels))
+                slots = [self.arena.lookup(k) for k in keys]
+                if any(slot is None or slot.state is not SlotState.READY for slot in slots):
+                    return None
+                found.append((e, keys, slots))
+            st = self._stats[layer]
+            predicted = self._hinted.pop(layer, None)
+            if predicted is not None:
+                st["predicted"] += len(predicted)
+                st["predicted_correct"] += len(predicted.intersection(experts))
+            st["hits"] += len(found)
+            for e, keys, slots in found:
+                for key, slot in zip(keys, slots):
+                    self.policy.on_access(key)
+                    self.arena.pin(slot)
+                    if key in self._prefetched:
+                        self._prefetched.discard(key)
+                        st["prefetch_used"] += 1
+                self._pins[(layer, e)].append(keys)
+            buffers = [(e, len(keys) - 1 if self.nested_levels else keys[-1][2], [self.arena.view(s) for s in slots])
+                       for e, keys, slots in found]
+        return {e: self.decode(layer, e, level, bufs) for e, level, bufs in buffers}
+
     def acquire_iter(self, layer: int, expert_ids: Any, gate_weights: Any = None,
                      levels: int | Mapping[int, int] | None = None) -> Iterator[tuple[int, Any]]:
         """Like ``acquire`` but yields (expert, view) as each becomes usable, resident ones first."""

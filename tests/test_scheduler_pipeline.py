@@ -220,3 +220,38 @@ def test_staged_device_arena_path_returns_the_same_bytes(model_file):
     assert st["transfer"]["copies"] == len(verified) == st["loader"]["reads"]
     assert st["transfer"]["bytes_copied"] == st["loader"]["bytes_read"]
     assert st["arena"]["device"] == "cpu" and st["transfer"]["pinned"] is False
+
+
+@pytest.mark.parametrize("policy", ["exact", "adaptive"])
+def test_acquire_resident_fast_path_matches_the_general_path(model_file, policy):
+    """All-hit acquires through acquire_resident give the same views, stats, pins and policy state."""
+    path, _ = model_file
+    steps = [(0, [1, 2]), (1, [0, 3]), (0, [2, 1]), (0, [1, 3]), (1, [3]), (0, [1, 2])]
+    runs = []
+    for fast in (True, False):
+        cache, loader = make_cache(path, precision_policy=policy, late_after_s=60.0)  # no timing-dependent fallback
+        with loader:
+            got = []
+            for i, (layer, ids) in enumerate(steps):
+                if i % 2:
+                    cache.hint(layer, ids, levels=1)
+                    cache.wait_idle()  # deterministic: hinted experts are READY before the acquire
+                views = cache.acquire_resident(layer, ids, {e: 1 for e in ids}) if fast else None
+                if views is None:
+                    views = cache.acquire(layer, ids, levels=1)
+                got.append(views)
+                cache.release(layer, ids)
+            cache.wait_idle()
+            totals = {k: v for k, v in cache.stats()["totals"].items() if k != "stall_s"}  # stall_s is wall time
+            runs.append((got, totals, sorted(cache.arena.keys()), dict(cache._pins)))
+    assert runs[0] == runs[1]
+    assert runs[0][1]["hits"] > 0 and runs[0][1]["misses"] > 0
+
+
+def test_acquire_resident_changes_nothing_on_a_miss(model_file):
+    path, _ = model_file
+    cache, loader = make_cache(path)
+    with loader:
+        before = cache.stats()["totals"]
+        assert cache.acquire_resident(0, [1], {1: 1}) is None
+        assert cache.stats()["totals"] == before and not cache._pins and cache.arena.n_held == 0
