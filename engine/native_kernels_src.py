@@ -514,8 +514,9 @@ static void rows_with(const row_fn *f, const proj_t *p, const float *X, int64_t 
  * are summed in int32 (|Σ| < 2^21), converted once. Floor levels: Σ_k ŵ_k x̂_k = α·(2^shift·Σ_k q'_k x̂_k + (2^shift·qoff + centre − z)·SQ)
  * with q' = q − qoff (qoff = 128 when the code has 8 bits, so q' fits int8 and llama.cpp's sign trick
  * keeps maddubs exact; 0 otherwise). Needs floor kind, planes of 2 or 4 bits, group size % 128 == 0. */
+#define CHUNKS_MAX 1024 /* K <= 131072 on the int8 path (per-token chunk coefficients live on the stack) */
 static int i8_ok(const proj_t *p) {
-    if (p->kind != KIND_FLOOR || p->gs % 128) return 0;
+    if (p->kind != KIND_FLOOR || p->gs % 128 || p->K / 128 > CHUNKS_MAX) return 0;
     int tot = 0;
     for (int j = 0; j < p->np; j++) {
         if (p->bits[j] != 2 && p->bits[j] != 4) return 0;
@@ -575,13 +576,11 @@ static inline __attribute__((always_inline)) void plane_chunk(const uint8_t *src
     }
 }
 
-/* rows n, tokens m0..m0+MB-1; NA accumulators per token (4 for one token: the fma chains overlap) */
+/* row n, tokens m0..m0+MB-1 */
 static inline __attribute__((always_inline)) void tile_i8(const proj_t *p, int64_t n, const int8_t *XQ, const float *DX,
                                                           const float *SQ, int64_t m0, const int MB, float *Y,
                                                           int64_t ldy, const int NP_, const int B0, const int B1,
                                                           const int B2) {
-    enum { NA_MAX = 4 };
-    const int NA = MB == 1 ? 4 : 2;
     const int np = NP_ > 0 ? NP_ : (int)p->np;
     const int64_t K = p->K, G = p->G, nc = K / 128, cpg = p->gs / 128;
     const uint8_t *rows[MAXP];
@@ -593,42 +592,60 @@ static inline __attribute__((always_inline)) void tile_i8(const proj_t *p, int64
     }
     for (int j = np - 1, below = 0; j >= 0; j--) { pos[j] = below; below += bits[j]; }
     const int wide = tot == 8;
-    const float mult = (float)(1 << (8 - tot));
-    __m256 acc[4][NA_MAX];
-    float zacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int t = 0; t < MB; t++)
-        for (int u = 0; u < NA; u++) acc[t][u] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        const int64_t ng = n * G + g;
-        const float a = scale_at(p->scale, ng, p->sf32) * mult;
-        const float off = a * ((wide ? 128.0f : 0.0f) + (float)((int)p->centre - (int)p->zero[ng]) / mult);
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
-            __m256i q[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-            for (int j = 0; j < np; j++) plane_chunk(rows[j] + c * 16 * bits[j], bits[j], pos[j], q);
-            __m256i ax[4];
-            for (int s = 0; s < 4; s++) {
-                if (wide) q[s] = _mm256_xor_si256(q[s], _mm256_set1_epi8((char)0x80));
-                ax[s] = wide ? _mm256_sign_epi8(q[s], q[s]) : q[s];
-            }
+    const float mult = (float)(1 << (8 - tot)), inv_mult = 1.0f / mult, qoff = wide ? 128.0f : 0.0f;
+    /* per chunk and token: coef = d_x·α·2^shift (scales the chunk's integer dot); zero-point terms
+     * Σ_c α·(2^shift·qoff + centre − z)·SQ_c summed up front (vectorized for f16 scales, one group per chunk) */
+    float coef[4][CHUNKS_MAX];
+    float zs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t c0 = 0;
+    if (cpg == 1 && !p->sf32) {
+        const uint8_t *sc = p->scale + 2 * n * G, *zr = p->zero + n * G;
+        __m256 zv[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (; c0 + 8 <= nc; c0 += 8) {
+            const __m256 a = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 2 * c0))),
+                                           _mm256_set1_ps(mult));
+            const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + c0))));
+            const __m256 off = _mm256_mul_ps(a, _mm256_add_ps(_mm256_set1_ps(qoff),
+                _mm256_mul_ps(_mm256_sub_ps(_mm256_set1_ps((float)p->centre), zf), _mm256_set1_ps(inv_mult))));
             for (int t = 0; t < MB; t++) {
                 const int64_t m = m0 + t;
-                const int8_t *xq = XQ + m * K + 128 * c;
-                __m256i isum = _mm256_setzero_si256();
-                for (int s = 0; s < 4; s++) {
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * s));
-                    if (wide) xv = _mm256_sign_epi8(xv, q[s]);
-                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(ax[s], xv), _mm256_set1_epi16(1)));
-                }
-                acc[t][c % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(DX[m * nc + c] * a), acc[t][c % NA]);
-                zacc[t] += off * SQ[m * nc + c];
+                _mm256_storeu_ps(coef[t] + c0, _mm256_mul_ps(_mm256_loadu_ps(DX + m * nc + c0), a));
+                zv[t] = _mm256_fmadd_ps(off, _mm256_loadu_ps(SQ + m * nc + c0), zv[t]);
             }
         }
+        for (int t = 0; t < MB; t++) zs[t] = hsum(zv[t]);
     }
-    for (int t = 0; t < MB; t++) {
-        __m256 v = acc[t][0];
-        for (int u = 1; u < NA; u++) v = _mm256_add_ps(v, acc[t][u]);
-        Y[(m0 + t) * ldy + n] = hsum(v) + zacc[t];
+    for (int64_t c = c0; c < nc; c++) {
+        const int64_t ng = n * G + c / cpg;
+        const float a = scale_at(p->scale, ng, p->sf32) * mult;
+        const float off = a * (qoff + (float)((int)p->centre - (int)p->zero[ng]) * inv_mult);
+        for (int t = 0; t < MB; t++) {
+            coef[t][c] = DX[(m0 + t) * nc + c] * a;
+            zs[t] += off * SQ[(m0 + t) * nc + c];
+        }
     }
+    __m256 acc[4];
+    for (int t = 0; t < MB; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < nc; c++) {
+        __m256i q[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int j = 0; j < np; j++) plane_chunk(rows[j] + c * 16 * bits[j], bits[j], pos[j], q);
+        __m256i ax[4];
+        for (int s = 0; s < 4; s++) {
+            if (wide) q[s] = _mm256_xor_si256(q[s], _mm256_set1_epi8((char)0x80));
+            ax[s] = wide ? _mm256_sign_epi8(q[s], q[s]) : q[s];
+        }
+        for (int t = 0; t < MB; t++) {
+            const int8_t *xq = XQ + (m0 + t) * K + 128 * c;
+            __m256i isum = _mm256_setzero_si256();
+            for (int s = 0; s < 4; s++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * s));
+                if (wide) xv = _mm256_sign_epi8(xv, q[s]);
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(ax[s], xv), _mm256_set1_epi16(1)));
+            }
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_broadcast_ss(coef[t] + c), acc[t]);
+        }
+    }
+    for (int t = 0; t < MB; t++) Y[(m0 + t) * ldy + n] = hsum(acc[t]) + zs[t];
 }
 
 static inline __attribute__((always_inline)) void row_i8(const proj_t *p, int64_t n, const int8_t *XQ, const float *DX,
