@@ -19,8 +19,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def cache_dir() -> Path:
@@ -75,3 +76,40 @@ def compile_library(cc: str, source: str, cflags: Sequence[str], out: Path, time
             return res.stderr.strip()[-2000:]
         os.replace(tmp_so, out)
         return None
+
+
+def build_first_working(stem: str, source: str, base_flags: Sequence[str], variants: Sequence[Sequence[str]],
+                        cc: str, load: Callable[[Path], Any],
+                        accept: Callable[[Any], str | None]) -> tuple[Any | None, list[str]]:
+    """The first build variant that compiles (or is cached), loads and is accepted.
+
+    Args:
+        stem: library file name stem; source: the C source; base_flags: flags of every variant.
+        variants: extra flags per variant, tried in order ([] = portable).
+        cc: the compiler; load: opens a built library (ctypes, signatures set).
+        accept: None when the loaded library may be used, else why not (ABI mismatch, failed self-check).
+
+    Returns:
+        (library or None, one line per variant that failed).
+    """
+    errors: list[str] = []
+    for flags in variants:
+        label = " ".join(flags) or "portable"
+        path = library_path(stem, source, [*base_flags, *flags], cc)
+        try:
+            if not path.is_file():
+                err = compile_library(cc, source, [*base_flags, *flags], path)
+                if err is not None:
+                    errors.append(f"{label}: {err.splitlines()[-1] if err else err}")
+                    continue
+            lib = load(path)
+        except OSError as exc:  # unwritable cache dir, or a library the loader refuses
+            errors.append(f"{label}: {exc}")
+            continue
+        why = accept(lib)
+        if why is not None:
+            errors.append(f"{path}: {why}")
+            continue
+        return lib, errors
+    return None, errors
+

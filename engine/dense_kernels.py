@@ -27,11 +27,12 @@ import logging
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from moestream.convert.native_build import compile_library, find_compiler, library_path
+from moestream.convert.native_build import build_first_working, find_compiler
 from moestream.engine.native_kernels import enabled
 
 log = logging.getLogger("moestream")
@@ -148,6 +149,14 @@ _VARIANTS = (["-march=native", "-fopenmp"], ["-march=native"])
 _CFLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fPIC", "-shared"]
 
 
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.dq_abi.argtypes, lib.dq_abi.restype = [], I32
+    lib.dq_linear.argtypes, lib.dq_linear.restype = [I32, P, P, I64, I64, P, I64, P, I32], I32
+    return lib
+
+
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled dense kernels, or None (one warning) when no AVX2 build works here."""
@@ -158,28 +167,14 @@ def library() -> ctypes.CDLL | None:
         if cc is None:
             log.warning("no C compiler found: quantized dense matrices are computed by the torch reference (slower)")
             return None
-        errors = []
-        for flags in _VARIANTS:
-            path = library_path("dense_kernel", C_SOURCE, _CFLAGS + flags, cc)
-            try:
-                if not path.is_file():
-                    err = compile_library(cc, C_SOURCE, _CFLAGS + flags, path)
-                    if err is not None:
-                        errors.append(f"{' '.join(flags)}: {err.splitlines()[-1] if err else err}")
-                        continue
-                lib = ctypes.CDLL(str(path))
-            except OSError as exc:
-                errors.append(f"{' '.join(flags)}: {exc}")
-                continue
-            P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            lib.dq_abi.argtypes, lib.dq_abi.restype = [], I32
-            lib.dq_linear.argtypes, lib.dq_linear.restype = [I32, P, P, I64, I64, P, I64, P, I32], I32
+
+        def accept(lib: ctypes.CDLL) -> str | None:
             if lib.dq_abi() != 1:  # built without AVX2: the reference is as fast and simpler
-                errors.append(f"{path}: no AVX2 on this build")
-                continue
-            if not _self_check(lib):
-                errors.append(f"{path}: self-check against the reference failed")
-                continue
+                return "no AVX2 on this build"
+            return None if _self_check(lib) else "self-check against the reference failed"
+
+        lib, errors = build_first_working("dense_kernel", C_SOURCE, _CFLAGS, _VARIANTS, cc, _load, accept)
+        if lib is not None:
             return lib
         log.warning("quantized dense kernels unavailable (%s); using the torch reference (slower)", "; ".join(errors))
         return None

@@ -39,7 +39,7 @@ import torch
 
 from moestream.convert.codecs import EncodedTensor, MatryoshkaCodec, ResidualCodec
 from moestream.convert.codecs.base import Codec
-from moestream.convert.native_build import compile_library, find_compiler, library_path
+from moestream.convert.native_build import build_first_working, find_compiler
 from moestream.engine.native_kernels_src import C_SOURCE as _C_SOURCE
 
 log = logging.getLogger("moestream")
@@ -98,27 +98,16 @@ def library() -> ctypes.CDLL | None:
             log.warning("no C compiler (%s) found: nested experts are decoded to fp32 on every use "
                         "(slower); install gcc or clang to enable the native kernels", os.environ.get("CC") or "cc")
             return None
-        errors = []
-        for flags in _VARIANTS:
-            path = library_path("nested_kernel", _C_SOURCE, _CFLAGS + flags, cc)
-            try:
-                if not path.is_file():
-                    err = compile_library(cc, _C_SOURCE, _CFLAGS + flags, path)
-                    if err is not None:
-                        errors.append(f"{' '.join(flags) or 'portable'}: {err.splitlines()[-1] if err else err}")
-                        continue
-                lib = _load(path)
-            except OSError as exc:  # unwritable cache dir, or a library the loader refuses
-                errors.append(f"{' '.join(flags) or 'portable'}: {exc}")
-                continue
+        def accept(lib: ctypes.CDLL) -> str | None:
             if lib.nq_abi() // 10 != D_STRIDE * 10 + MAXP:
-                errors.append(f"{path}: descriptor layout mismatch")
-                continue
+                return "descriptor layout mismatch"
             if not _self_check(lib) or not _self_check_int8(lib):
-                errors.append(f"{path}: self-check against the torch decode failed")
-                continue
+                return "self-check against the torch decode failed"
+            return None
+
+        lib, errors = build_first_working("nested_kernel", _C_SOURCE, _CFLAGS, _VARIANTS, cc, _load, accept)
+        if lib is not None:
             lib.nq_set_act(int(activation_mode() == "int8"))
-            log.debug("native nested kernels: %s (%s)", path, " ".join(flags) or "portable")
             return lib
         log.warning("could not build the native nested-expert kernels (%s); nested experts are decoded "
                     "to fp32 on every use (slower)", "; ".join(errors))
