@@ -134,7 +134,10 @@ def test_persistent_eio_is_a_clear_error_then_recovers(shards: Path, reference: 
         assert info.value.errno == errno.EIO and f"failed {loader.retries + 1} times" in msg
         assert str(shards) in msg and "check the disk" in msg
         assert not eng.busy and loader.stats.failures >= 1
-        loader.reader = FlakyReader()  # the disk is healthy again
+        # reads still in flight from the failing request (prefetches on other I/O threads) finish failing
+        # first; a request that waits on one of them gets its error. Then the disk is healthy again.
+        eng.model.expert_provider.cache.wait_idle(timeout=30)
+        loader.reader = FlakyReader()
         assert eng.generate(PROMPT, max_tokens=8, temperature=0).token_ids == reference
 
 
