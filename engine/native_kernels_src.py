@@ -249,45 +249,56 @@ static inline __attribute__((always_inline)) void row_avx2(const proj_t *p, int6
 
 typedef void (*row_fn)(const proj_t *, int64_t, const float *, int64_t, float *, int64_t);
 
-#define NQ_ROWS(NAME, KIND_, NP_, B0, B1, B2)                                                                    \
+/* One row function specialised per stored configuration: NAME[i] handles 1 / 2 / 4 / 8 tokens. */
+#define NQ_SPECIALIZE(ROW, NAME, KIND_, NP_, B0, B1, B2)                                                        \
     static void NAME##_1(const proj_t *p, int64_t n, const float *X, int64_t ldx, float *Y, int64_t ldy) {       \
-        row_avx2(p, n, X, ldx, Y, ldy, 1, 4, KIND_, NP_, B0, B1, B2); }                                          \
+        ROW(p, n, X, ldx, Y, ldy, 1, 4, KIND_, NP_, B0, B1, B2); }                                               \
     static void NAME##_2(const proj_t *p, int64_t n, const float *X, int64_t ldx, float *Y, int64_t ldy) {       \
-        row_avx2(p, n, X, ldx, Y, ldy, 2, 2, KIND_, NP_, B0, B1, B2); }                                          \
+        ROW(p, n, X, ldx, Y, ldy, 2, 2, KIND_, NP_, B0, B1, B2); }                                               \
     static void NAME##_4(const proj_t *p, int64_t n, const float *X, int64_t ldx, float *Y, int64_t ldy) {       \
-        row_avx2(p, n, X, ldx, Y, ldy, 4, 1, KIND_, NP_, B0, B1, B2); }                                          \
+        ROW(p, n, X, ldx, Y, ldy, 4, 1, KIND_, NP_, B0, B1, B2); }                                               \
     static void NAME##_8(const proj_t *p, int64_t n, const float *X, int64_t ldx, float *Y, int64_t ldy) {       \
-        row_avx2(p, n, X, ldx, Y, ldy, 8, 1, KIND_, NP_, B0, B1, B2); }                                          \
+        ROW(p, n, X, ldx, Y, ldy, 8, 1, KIND_, NP_, B0, B1, B2); }                                               \
     static const row_fn NAME[4] = {NAME##_1, NAME##_2, NAME##_4, NAME##_8};
 
-/* the stored configurations of the default codecs, then any other (read from the descriptor) */
-NQ_ROWS(floor_2, KIND_FLOOR, 1, 2, 0, 0)
-NQ_ROWS(floor_22, KIND_FLOOR, 2, 2, 2, 0)
-NQ_ROWS(floor_224, KIND_FLOOR, 3, 2, 2, 4)
-NQ_ROWS(round_3, KIND_ROUND, 1, 3, 0, 0)
-NQ_ROWS(round_32, KIND_ROUND, 2, 3, 2, 0)
-NQ_ROWS(floor_323, KIND_FLOOR, 3, 3, 2, 3)
-NQ_ROWS(resid_2, KIND_RESIDUAL, 1, 2, 0, 0)
-NQ_ROWS(resid_21, KIND_RESIDUAL, 2, 2, 1, 0)
-NQ_ROWS(resid_211, KIND_RESIDUAL, 3, 2, 1, 1)
-NQ_ROWS(generic, -1, -1, -1, -1, -1)
+/* the stored configurations of the default codecs (kind, planes, plane bits), in config_index order;
+ * anything else takes the generic specialisation (read from the descriptor) */
+#define NQ_CONFIGS(X, ROW, P)                                                                                    \
+    X(ROW, P##floor_2, KIND_FLOOR, 1, 2, 0, 0)                                                                  \
+    X(ROW, P##floor_22, KIND_FLOOR, 2, 2, 2, 0)                                                                 \
+    X(ROW, P##floor_224, KIND_FLOOR, 3, 2, 2, 4)                                                                \
+    X(ROW, P##round_3, KIND_ROUND, 1, 3, 0, 0)                                                                  \
+    X(ROW, P##round_32, KIND_ROUND, 2, 3, 2, 0)                                                                 \
+    X(ROW, P##floor_323, KIND_FLOOR, 3, 3, 2, 3)                                                                \
+    X(ROW, P##resid_2, KIND_RESIDUAL, 1, 2, 0, 0)                                                               \
+    X(ROW, P##resid_21, KIND_RESIDUAL, 2, 2, 1, 0)                                                              \
+    X(ROW, P##resid_211, KIND_RESIDUAL, 3, 2, 1, 1)                                                             \
+    X(ROW, P##generic, -1, -1, -1, -1, -1)
+#define NQ_N_CONFIGS 10
+#define NQ_TABLE_ENTRY(ROW, NAME, KIND_, NP_, B0, B1, B2) NAME,
 
-static const row_fn *pick_rows(const proj_t *p) {
-    const int k = (int)p->kind, np = (int)p->np, b0 = p->bits[0], b1 = np > 1 ? p->bits[1] : 0,
-              b2 = np > 2 ? p->bits[2] : 0;
-#define NQ_IS(KIND_, NP_, B0, B1, B2) (k == KIND_ && np == NP_ && b0 == B0 && b1 == B1 && b2 == B2)
-    if (NQ_IS(KIND_FLOOR, 1, 2, 0, 0)) return floor_2;
-    if (NQ_IS(KIND_FLOOR, 2, 2, 2, 0)) return floor_22;
-    if (NQ_IS(KIND_FLOOR, 3, 2, 2, 4)) return floor_224;
-    if (NQ_IS(KIND_ROUND, 1, 3, 0, 0)) return round_3;
-    if (NQ_IS(KIND_ROUND, 2, 3, 2, 0)) return round_32;
-    if (NQ_IS(KIND_FLOOR, 3, 3, 2, 3)) return floor_323;
-    if (NQ_IS(KIND_RESIDUAL, 1, 2, 0, 0)) return resid_2;
-    if (NQ_IS(KIND_RESIDUAL, 2, 2, 1, 0)) return resid_21;
-    if (NQ_IS(KIND_RESIDUAL, 3, 2, 1, 1)) return resid_211;
-#undef NQ_IS
-    return generic;
+/* index of p's configuration in NQ_CONFIGS (the last one, generic, when none matches); a floor level's
+ * shift is 8 − its bits, which the blocked specialisations derive at compile time, so it is checked */
+static int config_index(const proj_t *p) {
+    static const int cfg[NQ_N_CONFIGS - 1][5] = {{KIND_FLOOR, 1, 2, 0, 0}, {KIND_FLOOR, 2, 2, 2, 0},
+        {KIND_FLOOR, 3, 2, 2, 4}, {KIND_ROUND, 1, 3, 0, 0}, {KIND_ROUND, 2, 3, 2, 0}, {KIND_FLOOR, 3, 3, 2, 3},
+        {KIND_RESIDUAL, 1, 2, 0, 0}, {KIND_RESIDUAL, 2, 2, 1, 0}, {KIND_RESIDUAL, 3, 2, 1, 1}};
+    const int np = (int)p->np, b[3] = {p->bits[0], np > 1 ? p->bits[1] : 0, np > 2 ? p->bits[2] : 0};
+    int total = 0;
+    for (int j = 0; j < np; j++) total += p->bits[j];
+    for (int i = 0; i < NQ_N_CONFIGS - 1; i++) {
+        const int *c = cfg[i];
+        if (c[0] == p->kind && c[1] == np && c[2] == b[0] && c[3] == b[1] && c[4] == b[2] &&
+            (p->kind != KIND_FLOOR || p->shift == 8 - total))
+            return i;
+    }
+    return NQ_N_CONFIGS - 1;
 }
+
+NQ_CONFIGS(NQ_SPECIALIZE, row_avx2, )
+static const row_fn *const NATURAL_ROWS[NQ_N_CONFIGS] = {NQ_CONFIGS(NQ_TABLE_ENTRY, row_avx2, )};
+
+static const row_fn *pick_rows(const proj_t *p) { return NATURAL_ROWS[config_index(p)]; }
 
 /* ------------------------------------------------------------------ AVX2 blocked path (the fast one)
  * A block is 64 consecutive codes of a row; lane l of a vector holds codes 8l..8l+7 (b bytes of each
@@ -437,27 +448,8 @@ static inline __attribute__((always_inline)) void row_blk(const proj_t *p, int64
     for (int m = 0; m < MB; m++) Y[m * ldy + n] = hsum(tot[m]);
 }
 
-#define NQ_BLK(NAME, KIND_, NP_, B0, B1, B2)                                                                     \
-    static void NAME##_1(const proj_t *p, int64_t n, const float *X, int64_t ldx, float *Y, int64_t ldy) {       \
-        row_blk(p, n, X, ldx, Y, ldy, 1, 4, KIND_, NP_, B0, B1, B2); }                                           \
-    static void NAME##_2(const proj_t *p, int64_t n, const float *X, int64_t ldx, float *Y, int64_t ldy) {       \
-        row_blk(p, n, X, ldx, Y, ldy, 2, 2, KIND_, NP_, B0, B1, B2); }                                           \
-    static void NAME##_4(const proj_t *p, int64_t n, const float *X, int64_t ldx, float *Y, int64_t ldy) {       \
-        row_blk(p, n, X, ldx, Y, ldy, 4, 1, KIND_, NP_, B0, B1, B2); }                                           \
-    static void NAME##_8(const proj_t *p, int64_t n, const float *X, int64_t ldx, float *Y, int64_t ldy) {       \
-        row_blk(p, n, X, ldx, Y, ldy, 8, 1, KIND_, NP_, B0, B1, B2); }                                           \
-    static const row_fn NAME[4] = {NAME##_1, NAME##_2, NAME##_4, NAME##_8};
-
-NQ_BLK(bfloor_2, KIND_FLOOR, 1, 2, 0, 0)
-NQ_BLK(bfloor_22, KIND_FLOOR, 2, 2, 2, 0)
-NQ_BLK(bfloor_224, KIND_FLOOR, 3, 2, 2, 4)
-NQ_BLK(bround_3, KIND_ROUND, 1, 3, 0, 0)
-NQ_BLK(bround_32, KIND_ROUND, 2, 3, 2, 0)
-NQ_BLK(bfloor_323, KIND_FLOOR, 3, 3, 2, 3)
-NQ_BLK(bresid_2, KIND_RESIDUAL, 1, 2, 0, 0)
-NQ_BLK(bresid_21, KIND_RESIDUAL, 2, 2, 1, 0)
-NQ_BLK(bresid_211, KIND_RESIDUAL, 3, 2, 1, 1)
-NQ_BLK(bgeneric, -1, -1, -1, -1, -1)
+NQ_CONFIGS(NQ_SPECIALIZE, row_blk, b)
+static const row_fn *const BLOCKED_ROWS[NQ_N_CONFIGS] = {NQ_CONFIGS(NQ_TABLE_ENTRY, row_blk, b)};
 
 static int blocked_ok(const proj_t *p) {
     if (p->gs % 64 || p->sf32) return 0;
@@ -466,22 +458,7 @@ static int blocked_ok(const proj_t *p) {
     return 1;
 }
 
-static const row_fn *pick_blk(const proj_t *p) {
-    const int k = (int)p->kind, np = (int)p->np, b0 = p->bits[0], b1 = np > 1 ? p->bits[1] : 0,
-              b2 = np > 2 ? p->bits[2] : 0;
-#define NQ_IS(KIND_, NP_, B0, B1, B2) (k == KIND_ && np == NP_ && b0 == B0 && b1 == B1 && b2 == B2)
-    if (NQ_IS(KIND_FLOOR, 1, 2, 0, 0) && p->shift == 6) return bfloor_2;
-    if (NQ_IS(KIND_FLOOR, 2, 2, 2, 0) && p->shift == 4) return bfloor_22;
-    if (NQ_IS(KIND_FLOOR, 3, 2, 2, 4) && p->shift == 0) return bfloor_224;
-    if (NQ_IS(KIND_ROUND, 1, 3, 0, 0)) return bround_3;
-    if (NQ_IS(KIND_ROUND, 2, 3, 2, 0)) return bround_32;
-    if (NQ_IS(KIND_FLOOR, 3, 3, 2, 3) && p->shift == 0) return bfloor_323;
-    if (NQ_IS(KIND_RESIDUAL, 1, 2, 0, 0)) return bresid_2;
-    if (NQ_IS(KIND_RESIDUAL, 2, 2, 1, 0)) return bresid_21;
-    if (NQ_IS(KIND_RESIDUAL, 3, 2, 1, 1)) return bresid_211;
-#undef NQ_IS
-    return bgeneric;
-}
+static const row_fn *pick_blk(const proj_t *p) { return BLOCKED_ROWS[config_index(p)]; }
 
 /* XP[m, blk*64 + 8s + l] = X[m, blk*64 + 8l + s] */
 static void permute64(const float *X, int64_t M, int64_t K, float *XP) {
@@ -681,15 +658,25 @@ typedef struct { int8_t *q; float *d, *sq; void *mem; } actq_t;
 
 static void *scratch(int which, size_t bytes);
 
+static size_t actq_bytes(int64_t M, int64_t K) {
+    return (size_t)((M * K + 63) / 64 * 64) + (size_t)(2 * M * (K / 128)) * sizeof(float);
+}
+
+/* X [M, K] quantized into mem (actq_bytes(M, K) bytes): codes, then per-chunk scales, then sums */
+static void actq_fill(const float *X, int64_t M, int64_t K, void *mem, actq_t *a) {
+    const int64_t nc = K / 128;
+    a->mem = mem;
+    a->q = (int8_t *)mem;
+    a->d = (float *)(a->q + (M * K + 63) / 64 * 64);
+    a->sq = a->d + M * nc;
+    for (int64_t m = 0; m < M; m++) quantize_perm128(X + m * K, K, a->q + m * K, a->d + m * nc, a->sq + m * nc);
+}
+
 /* activations quantized into per-thread scratch slot 1 (valid until the next actq_make on this thread) */
 static int actq_make(const float *X, int64_t M, int64_t K, actq_t *a) {
-    const size_t nq = (size_t)(M * K), nd = (size_t)(M * (K / 128)), ns = (size_t)(M * (K / 128));
-    a->mem = scratch(1, ((nq + 63) / 64) * 64 + (nd + ns) * sizeof(float));
-    if (a->mem == NULL) return 6;
-    a->q = (int8_t *)a->mem;
-    a->d = (float *)(a->q + ((nq + 63) / 64) * 64);
-    a->sq = a->d + nd;
-    for (int64_t m = 0; m < M; m++) quantize_perm128(X + m * K, K, a->q + m * K, a->d + m * (K / 128), a->sq + m * (K / 128));
+    void *mem = scratch(1, actq_bytes(M, K));
+    if (mem == NULL) return 6;
+    actq_fill(X, M, K, mem, a);
     return 0;
 }
 
@@ -900,14 +887,9 @@ int nq_moe(const int64_t *descs, const int64_t *bases, const float *w, int64_t E
         if (use_i8(&p[0]) && use_i8(&p[1]) && use_i8(&p[2])) {
             if (!have_xq) {
                 /* keep X's quantization in its own buffer: ffn_i8 reuses scratch slot 1 for the hidden */
-                const size_t nq = (size_t)(M * H), nd = (size_t)(M * (H / 128)), ns = (size_t)(M * (H / 128));
-                xq.mem = malloc(((nq + 63) / 64) * 64 + (nd + ns) * sizeof(float));
-                if (xq.mem == NULL) { err = 6; break; }
-                xq.q = (int8_t *)xq.mem;
-                xq.d = (float *)(xq.q + ((nq + 63) / 64) * 64);
-                xq.sq = xq.d + nd;
-                for (int64_t m = 0; m < M; m++)
-                    quantize_perm128(X + m * H, H, xq.q + m * H, xq.d + m * (H / 128), xq.sq + m * (H / 128));
+                void *mem = malloc(actq_bytes(M, H));
+                if (mem == NULL) { err = 6; break; }
+                actq_fill(X, M, H, mem, &xq);
                 have_xq = 1;
             }
             err = ffn_i8(&p[0], &p[1], &p[2], X, &xq, M, tmp, nthreads);
