@@ -72,6 +72,14 @@ _C_SOURCE = r"""
    stored/bits [L]: stored and compute bits of each width; round_mode: 1 = "round" slicing.
    out [K, n_groups, L] fp64. Processes groups g0..g1-1. Same float ops as the numpy reference;
    the 8-lane sum is numpy's pairwise order for gs <= 128. */
+/* the 8-bit code of w under scale a and zero point zf: clamp(rint(w / a) + zf, 0, 255) in fp32 */
+static inline int32_t code8(float w, float a, float zf) {
+    float t = rintf(w / a) + zf;
+    t = t < 0.0f ? 0.0f : t;
+    t = t > 255.0f ? 255.0f : t;
+    return (int32_t)t;
+}
+
 void mq_candidate_errors(const float *w, const double *h, int64_t n_groups, int64_t G, int64_t gs,
                          int64_t K, const float *a, const int32_t *z, int64_t L,
                          const int32_t *stored, const int32_t *bits, int32_t round_mode,
@@ -88,10 +96,7 @@ void mq_candidate_errors(const float *w, const double *h, int64_t n_groups, int6
             const int32_t zk = z[k * n_groups + g];
             const float zf = (float)zk;
             for (int64_t i = 0; i < gs; i++) {
-                float t = rintf(wg[i] / ak) + zf;
-                t = t < 0.0f ? 0.0f : t;
-                t = t > 255.0f ? 255.0f : t;
-                q[i] = (int32_t)t;
+                q[i] = code8(wg[i], ak, zf);
             }
             for (int64_t l = 0; l < L; l++) {
                 const int32_t s1 = 8 - stored[l], r = bits[l];
@@ -152,10 +157,7 @@ static int mq_one(const float *wg, const double *hg, const double *ones, int64_t
     for (int64_t b0 = 0; b0 < gs; b0 += 32) {
         const int64_t b1 = b0 + 32 < gs ? b0 + 32 : gs;
         for (int64_t i = b0; i < b1; i++) {
-            float t = rintf(wg[i] / ak) + zf;
-            t = t < 0.0f ? 0.0f : t;
-            t = t > 255.0f ? 255.0f : t;
-            q[i] = (int32_t)t;
+            q[i] = code8(wg[i], ak, zf);
         }
         for (int64_t l = 0; l < L; l++) {
             const int32_t s1 = 8 - stored[l], r = bits[l];
@@ -292,10 +294,7 @@ void mq_codes(const float *w, int64_t gs, const float *a, const int32_t *z, uint
     for (int64_t g = g0; g < g1; g++) {
         const float ag = a[g], zf = (float)z[g];
         for (int64_t i = 0; i < gs; i++) {
-            float t = rintf(w[g * gs + i] / ag) + zf;
-            t = t < 0.0f ? 0.0f : t;
-            t = t > 255.0f ? 255.0f : t;
-            out[g * gs + i] = (uint8_t)t;
+            out[g * gs + i] = (uint8_t)code8(w[g * gs + i], ag, zf);
         }
     }
 }
