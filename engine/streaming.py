@@ -260,8 +260,7 @@ class StreamingExperts:
 
     def levels_for(self, layer: int, expert_ids: Sequence[int]) -> dict[int, int]:
         """The level each expert runs at when everything arrives in time: its highest, capped."""
-        cap = self.level_cap
-        return {e: self._top[(layer, e)] if cap is None else min(cap, self._top[(layer, e)]) for e in expert_ids}
+        return {e: self._level(self._top[(layer, e)]) for e in expert_ids}
 
     def _decode(self, layer: int, expert: int, level: int, buffers: list[np.ndarray]) -> ExpertView:
         """Tensors over the slot bytes (in place for fp32 layouts, else decoded/widened into scratch).
@@ -308,6 +307,7 @@ class StreamingExperts:
         return False
 
     def _level(self, top: int) -> int:
+        """The level an expert whose highest stored level is ``top`` runs at (capped by ``--level``)."""
         return top if self.level_cap is None else min(self.level_cap, top)
 
     # ------------------------------------------------------------------ ExpertProvider

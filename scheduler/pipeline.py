@@ -188,19 +188,12 @@ class StreamingExpertCache:
                 if any(slot is None or slot.state is not SlotState.READY for slot in slots):
                     return None
                 found.append((e, keys, slots))
-            st = self._stats[layer]
-            predicted = self._hinted.pop(layer, None)
-            if predicted is not None:
-                st["predicted"] += len(predicted)
-                st["predicted_correct"] += len(predicted.intersection(experts))
+            st = self._count_prediction(layer, experts)
             st["hits"] += len(found)
             for e, keys, slots in found:
                 for key, slot in zip(keys, slots):
                     self.policy.on_access(key)
-                    self.arena.pin(slot)
-                    if key in self._prefetched:
-                        self._prefetched.discard(key)
-                        st["prefetch_used"] += 1
+                    self._pin_held(key, slot, st)
                 self._pins[(layer, e)].append(keys)
             buffers = [(e, len(keys) - 1 if self.nested_levels else keys[-1][2], [self.arena.view(s) for s in slots])
                        for e, keys, slots in found]
@@ -304,11 +297,7 @@ class StreamingExpertCache:
 
     def _begin_acquire(self, layer: int, experts: list[int], demand: Counter,
                        levels: int | Mapping[int, int] | None) -> dict[int, int]:
-        st = self._stats[layer]
-        predicted = self._hinted.pop(layer, None)
-        if predicted is not None:
-            st["predicted"] += len(predicted)
-            st["predicted_correct"] += len(predicted & set(experts))
+        st = self._count_prediction(layer, experts)
         wanted = {e: self._needed(e, levels) for e in experts}
         pinned: dict[int, list[Key]] = {}
         missing: dict[int, list[int]] = {}
@@ -323,11 +312,8 @@ class StreamingExpertCache:
                     self.policy.on_access(key)
                 slot = self.arena.lookup(key)
                 if slot is not None:
-                    self.arena.pin(slot)
+                    self._pin_held(key, slot, st)
                     pinned[e].append(key)
-                    if key in self._prefetched:
-                        self._prefetched.discard(key)
-                        st["prefetch_used"] += 1
                 elif key in keys:
                     missing.setdefault(e, []).append(key[2])
         order = hebf_order(missing, {e: {wanted[e]: demand[e]} for e in experts})
@@ -349,6 +335,22 @@ class StreamingExpertCache:
             for e, keys in pinned.items():
                 self._pins[(layer, e)].append(keys)
         return wanted
+
+    def _count_prediction(self, layer: int, experts: Sequence[int]) -> dict:
+        """Score the layer's pending routing prediction against the experts acquired; the layer's stats."""
+        st = self._stats[layer]
+        predicted = self._hinted.pop(layer, None)
+        if predicted is not None:
+            st["predicted"] += len(predicted)
+            st["predicted_correct"] += len(predicted.intersection(experts))
+        return st
+
+    def _pin_held(self, key: Key, slot: Slot, st: dict) -> None:
+        """Pin a slice already in the arena for an acquire (a prefetched one counts as used)."""
+        self.arena.pin(slot)
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            st["prefetch_used"] += 1
 
     def _ready(self, key: Key) -> bool:
         slot = self.arena.lookup(key)
