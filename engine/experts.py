@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moestream.convert.hf_checkpoint import ExpertKey, parse_expert_name
+from moestream.engine.native_kernels import NestedPlaneView, moe_ffn
 
 # Legend for shape comments: N tokens routed to one expert, H hidden, I expert intermediate, E experts.
 
@@ -83,8 +84,6 @@ def weighted_expert_sum(views: Sequence[Any], weights: Sequence[float], x: torch
     quantization; any other view runs its own ``ffn``. Both sum in the same order with the same fp32
     operations.
     """
-    from moestream.engine.native_kernels import NestedPlaneView, moe_ffn
-
     if views and x.device.type == "cpu" and x.dtype == torch.float32 and all(type(v) is NestedPlaneView for v in views):
         return moe_ffn(views, weights, x)
     out = None
