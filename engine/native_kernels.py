@@ -39,6 +39,7 @@ import torch
 
 from moestream.convert.codecs import EncodedTensor, MatryoshkaCodec, ResidualCodec
 from moestream.convert.codecs.base import Codec
+from moestream.convert.errors import MoestreamError
 from moestream.convert.native_build import build_first_working, find_compiler
 from moestream.engine.native_kernels_src import C_SOURCE as _C_SOURCE
 
@@ -117,6 +118,10 @@ def library() -> ctypes.CDLL | None:
 _act_override: str | None = None
 
 
+class ActivationModeError(MoestreamError, ValueError):
+    """A bad ``MOESTREAM_NESTED_ACTIVATIONS`` value (the CLI reports it in one line)."""
+
+
 def activation_mode() -> str:
     """``int8`` (default: activations quantized per 128 inputs, integer dot products, like llama.cpp) or
     ``fp32`` (exact activations): :func:`set_activation_mode`, else ``MOESTREAM_NESTED_ACTIVATIONS``.
@@ -126,7 +131,7 @@ def activation_mode() -> str:
     """
     mode = _act_override or os.environ.get(ACT_ENV, "int8").strip().lower()
     if mode not in ("int8", "fp32"):
-        raise ValueError(f"{ACT_ENV}={mode!r}: choose int8 or fp32")
+        raise ActivationModeError(f"{ACT_ENV}={mode!r}: choose int8 or fp32")
     return mode
 
 

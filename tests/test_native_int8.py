@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moestream.convert.codecs import get_codec
+from moestream.convert.errors import MoestreamError
 from moestream.convert.nested_planes import decode_planes, planes_from_encoded
 from moestream.engine import native_kernels as nk
 
@@ -119,6 +120,8 @@ def test_mode_switch_and_environment(monkeypatch):
     assert nk.activation_mode() == "fp32"
     monkeypatch.setenv(nk.ACT_ENV, "int4")
     with pytest.raises(ValueError, match="int8 or fp32"):
+        nk.activation_mode()
+    with pytest.raises(MoestreamError, match="int8 or fp32"):  # the CLI turns it into one line
         nk.activation_mode()
     with pytest.raises(ValueError, match="int8 or fp32"):
         nk.set_activation_mode("bf16")
