@@ -9,6 +9,11 @@ embedded model), one token per forward, after a short prefill: a cold pass
 over the same text (the arena holds what fits; at budget 1 every expert). Arms run
 interleaved over ``--reps`` repetitions, so A and B see the same machine state.
 
+``--codec matryoshka_floor`` (or another nested codec) converts the same checkpoint with
+that codec instead (no calibration: plain min/max ranges; timing only) and ``--levels`` adds
+one arm per nested level; on ``cuda`` the plane bytes stay in the device arena and experts are
+decoded there (``PlaneDecoder``), on ``cpu`` the native kernels compute from them.
+
 Budgets are fractions of the full expert arena on top of the planner's
 minimum (``0`` = the minimum: one token's experts; ``1`` = every expert fits).
 Reported per arm: cold and warm decode tok/s (medians over reps), cache hits/misses
@@ -50,11 +55,20 @@ REPO = Path(__file__).resolve().parent.parent
 TEXT = REPO / "engine" / "default_model" / "heldout" / "python.txt"
 
 
-def budget_bytes(shards: Path, ctx: int, fraction: float) -> int:
-    """The planner's minimum plus ``fraction`` of the bytes every expert needs in the arena."""
+def budget_bytes(shards: Path, ctx: int, fraction: float, device: str = "cpu") -> int:
+    """The planner's minimum on ``device`` plus ``fraction`` of the bytes every expert needs in the arena."""
     with ShardedModel.open(shards, verify="off") as r:
-        fp = shard_footprint(r, ctx)
+        fp = shard_footprint(r, ctx, device)
     return int(min_streaming_budget(fp) + fraction * all_experts_arena_bytes(fp))
+
+
+def nested_shards(hf: Path, out: Path, codec: str, group_size: int) -> Path:
+    """``hf`` converted with a nested expert codec into ``out`` (reused when already there)."""
+    if not any(out.glob("*.gguf")):
+        from moestream.convert.compress import CompressOptions, compress_checkpoint
+
+        compress_checkpoint(hf, out, CompressOptions(codec=codec, group_size=group_size), progress=True)
+    return out
 
 
 def _sync(device: str) -> None:
@@ -86,9 +100,10 @@ def _decode_pass(model: Any, ids: torch.Tensor, prefill: int, ctx: int, device: 
     return per_token
 
 
-def run_arm(shards: Path, device: str, fraction: float, tokens: list[int], prefill: int, ctx: int) -> dict[str, Any]:
+def run_arm(shards: Path, device: str, fraction: float, tokens: list[int], prefill: int, ctx: int,
+            level: int | None = None) -> dict[str, Any]:
     """Load, then two passes over the same text: cold (the arena starts empty) and warm (it holds what fits)."""
-    memory = budget_bytes(shards, ctx, fraction)
+    memory = budget_bytes(shards, ctx, fraction, device)
     gc.collect()  # the previous arm's model and arena (reference cycles) must be gone before measuring
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -96,7 +111,7 @@ def run_arm(shards: Path, device: str, fraction: float, tokens: list[int], prefi
     device_at_start = torch.cuda.memory_allocated() if device.startswith("cuda") else None
     dropped = _drop_page_cache()
     t0 = time.perf_counter()
-    with Engine.load(shards, memory=memory, device=device, ctx=ctx) as engine:
+    with Engine.load(shards, memory=memory, device=device, ctx=ctx, level=level) as engine:
         load_s = time.perf_counter() - t0
         ids = torch.tensor([tokens], device=device)
         cold = _decode_pass(engine.model, ids, prefill, ctx, device)
@@ -107,6 +122,7 @@ def run_arm(shards: Path, device: str, fraction: float, tokens: list[int], prefi
     totals = st["totals"]
     return {
         "device": device, "budget_fraction": fraction, "budget_bytes": memory, "page_cache_dropped": dropped,
+        "level": level, "device_decode": st.get("device_decode"), "native_nested_kernel": st.get("native_nested_kernel"),
         "load_s": load_s, "decode_tokens": len(cold), "decode_s": decode_s,
         "decode_tok_s": len(cold) / decode_s, "median_token_ms": 1000 * statistics.median(cold),
         "warm_decode_tok_s": len(warm) / sum(warm), "warm_median_token_ms": 1000 * statistics.median(warm),
@@ -146,14 +162,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=16)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--codec", default="none",
+                   help="expert codec of the timed shards: none (the --shard-dtype shards) or a nested codec "
+                        "(matryoshka_floor, matryoshka, residual; converted without calibration)")
+    p.add_argument("--group-size", type=int, default=128, help="nested codec group length")
+    p.add_argument("--levels", nargs="+", type=int, default=None,
+                   help="nested levels to time, one arm each (default: each expert's highest stored level)")
     args = p.parse_args(argv)
 
     spec = SyntheticSpec(layers=args.layers, experts=args.experts, hidden=args.hidden,
                          expert_inter=args.expert_inter, top_k=min(SyntheticSpec.top_k, args.experts))
     t0 = time.perf_counter()
     paths = build_synthetic(args.root, spec, shard_dtype=args.shard_dtype, gguf_qtypes=(), progress=False)
-    build_s = time.perf_counter() - t0
     shards = Path(paths[f"moestream_{args.shard_dtype}"])
+    if args.codec != "none":
+        shards = nested_shards(Path(paths["hf"]), args.root / f"shards_{args.codec}_g{args.group_size}",
+                               args.codec, args.group_size)
+    build_s = time.perf_counter() - t0
+    levels: list[int | None] = list(args.levels) if args.levels else [None]
     tok = json.loads((Path(paths["hf"]) / "tokenizer.json").read_text())
     from tokenizers import Tokenizer
 
@@ -161,27 +187,30 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for rep in range(args.reps):  # interleaved: every arm once per repetition
         for device in args.devices:
-            for fraction in args.fractions:
-                rec = run_arm(shards, device, fraction, tokens, args.prefill, args.ctx)
+            for fraction, level in ((f, lv) for f in args.fractions for lv in levels):
+                rec = run_arm(shards, device, fraction, tokens, args.prefill, args.ctx, level)
                 rec["rep"] = rep
                 records.append(rec)
-                print(f"rep {rep} {device:5s} budget {fraction:4.2f}: cold {rec['decode_tok_s']:7.2f} tok/s, "
+                print(f"rep {rep} {device:5s} level {level} budget {fraction:4.2f}: "
+                      f"cold {rec['decode_tok_s']:7.2f} tok/s, "
                       f"warm {rec['warm_decode_tok_s']:7.2f} tok/s, "
                       f"hit {rec['hit_rate'] or 0:.2f}, read {rec['bytes_read'] / 2**20:8.1f} MiB, "
                       f"peak dev {(rec['peak_device_bytes'] or 0) / 2**20:8.1f} MiB "
                       f"(budget {rec['budget_bytes'] / 2**20:8.1f} MiB)", flush=True)
     summary = []
     for device in args.devices:
-        for fraction in args.fractions:
-            rs = [r for r in records if r["device"] == device and r["budget_fraction"] == fraction]
-            summary.append({"device": device, "budget_fraction": fraction, "budget_bytes": rs[0]["budget_bytes"],
+        for fraction, level in ((f, lv) for f in args.fractions for lv in levels):
+            rs = [r for r in records if r["device"] == device and r["budget_fraction"] == fraction
+                  and r["level"] == level]
+            summary.append({"device": device, "budget_fraction": fraction, "level": level,
+                            "budget_bytes": rs[0]["budget_bytes"],
                             "decode_tok_s_median": statistics.median(r["decode_tok_s"] for r in rs),
                             "decode_tok_s_all": [r["decode_tok_s"] for r in rs],
                             "warm_decode_tok_s_median": statistics.median(r["warm_decode_tok_s"] for r in rs),
                             "hit_rate": rs[0]["hit_rate"],
                             "peak_device_bytes_max": max((r["peak_device_bytes"] or 0) for r in rs) or None})
     doc = {"benchmark": "gpu_streaming", "note": QUALITY_NOTE, "machine": machine_info(), "gpu": gpu_info(),
-           "spec": spec.__dict__, "shard_dtype": args.shard_dtype, "build_s": build_s,
+           "spec": spec.__dict__, "shard_dtype": args.shard_dtype, "codec": args.codec, "build_s": build_s,
            "model_bytes": sum(f.stat().st_size for f in shards.glob("*.gguf")),
            "settings": {k: str(v) for k, v in vars(args).items()}, "records": records, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -256,8 +256,102 @@ def planes_from_encoded(codec: Codec, group_size: int, shapes: Mapping[str, tupl
     return blobs
 
 
+def _header_bytes(buf: Any) -> bytes:
+    """The header fields (first ``_HEADER.size`` bytes) of plane-0 bytes (bytes, numpy array or CPU tensor)."""
+    raw = buf.numpy() if isinstance(buf, torch.Tensor) else np.asarray(bytearray(buf) if isinstance(buf, bytes) else buf)
+    return raw.reshape(-1).view(np.uint8)[:_HEADER.size].tobytes()
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16,
+                 np.dtype(np.float32): torch.float32}
+
+
+@dataclass(frozen=True)
+class PlaneDecoder:
+    """Decodes the planes of experts that share one header (codec, group size, H, I).
+
+    Works on host arrays and on device tensors alike: :meth:`decode` takes uint8 tensors on any
+    torch device (the arrays of each plane are viewed in place, nothing is copied to the host) and
+    decodes with the codec's torch twin, so a device-resident arena decodes on its own device.
+    The decode is exact integer arithmetic followed by one fp32 rounding per weight (one per
+    added term for ``residual``), so every device yields the same bits as the host decode.
+    """
+
+    codec: Codec
+    layout: PlaneLayout
+    shapes: Mapping[str, tuple[int, int]]
+    header: bytes  # the header fields this decoder was built from
+
+    @classmethod
+    def from_header(cls, header: Any) -> "PlaneDecoder":
+        """Build from plane 0's first :data:`HEADER_BYTES` (bytes, numpy array or CPU tensor).
+
+        Raises:
+            ModelFormatError: bad magic, version or codec id.
+        """
+        raw = _header_bytes(header)
+        cid, bits, sb, gs, hidden, inter = unpack_header(raw)
+        codec = codec_from_header(cid, bits, sb)
+        shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        return cls(codec, plane_layout(codec, gs, hidden, inter), shapes, raw)
+
+    def check_header(self, plane0: Any, what: str = "an expert") -> None:
+        """Raise unless ``plane0`` (host bytes of an expert's plane 0) carries this decoder's header.
+
+        Raises:
+            ModelFormatError: the header differs (a corrupt shard, or a mix of conversions).
+        """
+        if _header_bytes(plane0) == self.header:
+            return
+        other = PlaneDecoder.from_header(plane0)  # raises on a header that is not one
+        raise ModelFormatError(f"{what} has a nested header unlike the model's first expert "
+                               f"({other.codec.name} vs {self.codec.name}, shapes {dict(other.shapes)} vs "
+                               f"{dict(self.shapes)}); the shard set mixes conversions, re-run convert")
+
+    def records(self, mems: list[Any]) -> dict[str, EncodedTensor]:
+        """Encoded records over planes ``mems`` (uint8 numpy arrays or tensors; views, no copies).
+
+        Raises:
+            ModelFormatError: more planes than the codec has levels, or a plane shorter than its layout.
+        """
+        lay = self.layout
+        level = len(mems)
+        if level > len(lay.nbytes):
+            raise ModelFormatError(f"expert has {level} planes but its codec has {len(lay.nbytes)} levels; "
+                                   "re-run convert")
+        segs: dict[str, list[dict[str, Any]]] = {p: [{} for _ in range(level)] for p in EXPERT_PROJS}
+        for j, mem in enumerate(mems):
+            size = mem.numel() if isinstance(mem, torch.Tensor) else mem.size
+            if size < lay.nbytes[j]:
+                raise ModelFormatError(f"nested plane {j} holds {size} bytes, its layout needs {lay.nbytes[j]}; "
+                                       "the shard is truncated or corrupt, re-run convert")
+            for proj, aname, dt, shape, off in lay.arrays[j]:
+                n = int(np.prod(shape)) * dt.itemsize
+                raw = mem[off:off + n]
+                segs[proj][j][aname] = (raw.view(_TORCH_DTYPES[dt]) if isinstance(raw, torch.Tensor)
+                                        else raw.view(dt)).reshape(shape)
+        return {p: EncodedTensor(codec=self.codec.name, params=self.codec.params, shape=self.shapes[p],
+                                 group_size=lay.group_sizes[p], segments=segs[p]) for p in EXPERT_PROJS}
+
+    def decode(self, planes: list[torch.Tensor],
+               out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Decode planes 0..j (uint8 tensors on one device) at level j into fp32 ``{proj: tensor}``.
+
+        Args:
+            planes: each plane's bytes (:meth:`ShardedModel.expert_plane_range`), on any device.
+            out: optional ``{proj: fp32 tensor}`` of the projections' shapes on the planes' device,
+                written in place (a reused scratch buffer); new tensors otherwise.
+
+        Returns:
+            ``{proj: fp32 tensor}`` on the planes' device, bit-identical to :func:`decode_planes`.
+        """
+        recs = self.records([p.reshape(-1).view(torch.uint8) for p in planes])
+        return {p: self.codec.torch_decode(recs[p], len(planes), out=None if out is None else out[p])
+                for p in EXPERT_PROJS}
+
+
 def decode_planes(blobs: list[Any]) -> dict[str, torch.Tensor]:
-    """Decode planes 0..j (uint8/int8 arrays or tensors) into fp32 ``{proj: tensor}`` at level j.
+    """Decode planes 0..j (uint8/int8 arrays or CPU tensors) into fp32 ``{proj: tensor}`` at level j.
 
     Bit-identical to the codec's :meth:`EncodedTensor.reference_decode` at level j+1.
 
@@ -266,27 +360,9 @@ def decode_planes(blobs: list[Any]) -> dict[str, torch.Tensor]:
     """
     mems = [(b.reshape(-1).view(torch.uint8).numpy() if isinstance(b, torch.Tensor)
              else np.asarray(b).reshape(-1).view(np.uint8)) for b in blobs]
-    cid, bits, sb, gs, hidden, inter = unpack_header(mems[0])
-    codec = codec_from_header(cid, bits, sb)
-    lay = plane_layout(codec, gs, hidden, inter)
-    level = len(mems)
-    if level > len(lay.nbytes):
-        raise ModelFormatError(f"expert has {level} planes but its codec has {len(lay.nbytes)} levels; re-run convert")
-    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-    segs: dict[str, list[dict[str, np.ndarray]]] = {p: [{} for _ in range(level)] for p in EXPERT_PROJS}
-    for j in range(level):
-        if mems[j].size < lay.nbytes[j]:
-            raise ModelFormatError(f"nested plane {j} holds {mems[j].size} bytes, its layout needs {lay.nbytes[j]}; "
-                                   "the shard is truncated or corrupt, re-run convert")
-        for proj, aname, dt, shape, off in lay.arrays[j]:
-            n = int(np.prod(shape)) * dt.itemsize
-            segs[proj][j][aname] = mems[j][off:off + n].view(dt).reshape(shape)
-    out = {}
-    for p in EXPERT_PROJS:
-        rec = EncodedTensor(codec=codec.name, params=codec.params, shape=shapes[p], group_size=lay.group_sizes[p],
-                            segments=segs[p])
-        out[p] = codec.torch_decode(rec, level)
-    return out
+    dec = PlaneDecoder.from_header(mems[0][:HEADER_BYTES])
+    recs = dec.records(mems)
+    return {p: dec.codec.torch_decode(recs[p], len(mems)) for p in EXPERT_PROJS}
 
 
 def _decoder(planes: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -44,6 +44,7 @@ from torch import nn
 
 from moestream.convert import constants as C
 from moestream.convert.errors import ModelFormatError
+from moestream.convert.nested_planes import CODEC_IDS, HEADER_BYTES, PlaneDecoder
 from moestream.convert.page_cache import drop_cached_file
 from moestream.convert.shard_reader import ShardedModel, tensor_from_buffer
 from moestream.engine import native_kernels
@@ -58,6 +59,8 @@ from moestream.scheduler.pipeline import CacheCapacityError, StreamingExpertCach
 from moestream.scheduler.planner import split_arena
 from moestream.scheduler.policies import POLICIES, make_policy
 from moestream.scheduler.transfer import DeviceStaging
+
+NESTED_CODECS = tuple(CODEC_IDS)  # expert codecs stored as nested planes (decodable on any torch device)
 
 log = logging.getLogger("moestream")
 
@@ -210,7 +213,9 @@ class StreamingExperts:
                      for j, c in enumerate(plane_counts)]
         counts = split_arena(plan.arena_bytes - plan.alignment, slot_sizes, plane_counts, min_slots)
         self.device = torch.device(device)
-        host_codec = self.layout.codec != C.CODEC_NONE  # decoded with numpy: bytes must be in host memory
+        # GGML expert codecs decode with numpy: their bytes must be in host memory. Nested codecs
+        # decode with torch wherever their planes are (PlaneDecoder), so their arena can be on the device.
+        host_codec = self.layout.codec not in (C.CODEC_NONE, *NESTED_CODECS)
         on_host = (self.device.type == "cpu" or host_codec) if staged is None else not staged
         if on_host and self.device.type != "cpu" and not host_codec:
             raise ValueError(f"an arena on {self.device} needs staged=True (reads cannot land in device memory)")
@@ -225,8 +230,11 @@ class StreamingExperts:
                                           precision_policy=precision_policy, verify=self._verify,
                                           staging=self.staging)
         self.max_experts_per_acquire = n_slots if self.layout.in_place else min(n_slots, top_k)
-        # nested codecs on the CPU: the native kernel computes from the plane buffers, no fp32 scratch
-        self._native = native_kernels.nested_views_for(self.layout.codec, self.device)
+        # nested codecs on the CPU: the native kernel computes from the plane buffers, no fp32 scratch;
+        # in a device arena they are decoded on the device into fp32 scratch
+        self._native = native_kernels.nested_views_for(self.layout.codec, self.device) if on_host else None
+        self._plane_decoder = (nested_plane_decoder(reader) if not on_host and self.layout.codec in NESTED_CODECS
+                               else None)
         n_scratch = 0 if self.layout.in_place or self._native is not None else self.max_experts_per_acquire
         h, i = self.layout.hidden, self.layout.inter
         self._scratch = [(torch.empty(2 * i, h, device=self.device), torch.empty(h, i, device=self.device))
@@ -257,6 +265,8 @@ class StreamingExperts:
     def _verify(self, key: tuple[int, int, int], buf: np.ndarray) -> None:
         layer, expert, plane = key
         self.reader.verify_expert_plane(layer, expert, plane, buf)
+        if plane == 0 and self._plane_decoder is not None:
+            self._plane_decoder.check_header(buf, f"expert {expert} of layer {layer}")
 
     def levels_for(self, layer: int, expert_ids: Sequence[int]) -> dict[int, int]:
         """The level each expert runs at when everything arrives in time: its highest, capped."""
@@ -270,6 +280,13 @@ class StreamingExperts:
         """
         if self._native is not None:
             return self._native.view(buffers, level)
+        if self._plane_decoder is not None:  # device arena: decode on the device straight into scratch
+            gate_up, down32 = self._scratch[self._scratch_next]
+            self._scratch_next += 1
+            i = gate_up.shape[0] // 2
+            self._plane_decoder.decode(list(buffers), out={"gate_proj": gate_up[:i], "up_proj": gate_up[i:],
+                                                           "down_proj": down32})
+            return ExpertView(gate=gate_up[:i], up=gate_up[i:], down=down32, level=level, gate_up=gate_up)
         t = self.reader.decode_expert_planes(layer, expert, buffers)
         gate, up, down = t["gate_proj"], t["up_proj"], t["down_proj"]
         i, h = gate.shape
@@ -363,6 +380,7 @@ class StreamingExperts:
         s.update(provider="streaming", hints=self._hints, acquires=self._acquires, capacity_retries=self._retries,
                  arena_slots=sum(self.arena.slot_counts), experts_total=self.n_experts_total,
                  in_place_views=self.layout.in_place, native_nested_kernel=self._native is not None,
+                 device_decode=self._plane_decoder is not None,
                  plan=self.plan.as_dict())
         return s
 
@@ -377,24 +395,42 @@ class StreamingExperts:
             self.loader.close()
 
 
+def nested_plane_decoder(reader: ShardedModel) -> PlaneDecoder:
+    """The decoder of a nested-codec model's experts, from the header of its first expert's plane 0.
+
+    Every expert of a model shares one header (codec, group size, H, I); ``StreamingExperts._verify``
+    checks each plane 0 it reads against it.
+
+    Raises:
+        ModelFormatError: the model has no experts, or the header is not a valid nested header.
+    """
+    keys = reader.expert_keys()
+    if not keys:
+        raise ModelFormatError(f"{reader.paths[0]}: nested expert codec but no expert tensors; re-run convert")
+    layer, expert = keys[0]
+    raw = reader.read_expert_bytes(layer, expert, 0)
+    return PlaneDecoder.from_header(np.frombuffer(raw, dtype=np.uint8)[:HEADER_BYTES])
+
+
 # ---------------------------------------------------------------------------------- loading
 def _largest_dense_bytes(reader: ShardedModel) -> int:
     return max((reader.dense_record(n).nbytes for n in reader.dense_names()), default=0)
 
 
-def shard_footprint(reader: ShardedModel, ctx: int, device: torch.device | str = "cpu") -> ModelFootprint:
+def shard_footprint(reader: ShardedModel, ctx: int, device: torch.device | str = "cpu",
+                    staged: bool | None = None) -> ModelFootprint:
     """The footprint of a shard model at context ``ctx`` (reads headers, plus one expert for nested codecs).
 
     Decode scratch: none when fp32 experts are used in place; else top-k fp32 experts, plus one being
     decoded for nested/GGML codecs (the codec's output before it is copied into scratch); none for nested
-    codecs served by the native kernels on the CPU (``device``), which compute from the arena bytes.
-    Dense weights count as :func:`load_dense` holds them on ``device``: packed bytes for Q8_0/Q4_0
+    codecs served by the native kernels on the CPU (``device``, unless ``staged``), which compute from
+    the arena bytes (a staged or device arena decodes nested planes into scratch). Dense weights count as :func:`load_dense` holds them on ``device``: packed bytes for Q8_0/Q4_0
     matrices kept quantized, fp32 for the rest.
     """
     layout = expert_layout(reader)
     planes = PlaneSizes.of(reader)
     top_k = _top_k(reader)
-    native = native_kernels.serves(layout.codec, device)
+    native = native_kernels.serves(layout.codec, device) and not staged
     scratch = 0 if layout.in_place or native else top_k + (0 if layout.codec == C.CODEC_NONE else 1)
     return model_footprint(reader.model_type, reader.config, planes.level_bytes, ctx,
                            largest_dense_stored_bytes=_largest_dense_bytes(reader), scratch_experts=scratch,
@@ -533,7 +569,7 @@ def load_streaming_model(path: str | Path, *, memory: str | int | None = None, c
     reader = ShardedModel.open(path, verify=verify)
     try:
         ctx = default_ctx(reader.config, ctx)
-        fp = shard_footprint(reader, ctx, device)
+        fp = shard_footprint(reader, ctx, device, staged)
         plan = plan_for(fp, budget, precision_policy=precision_policy)
         log.info("memory plan: budget %s = resident %s + KV %s + workspace %s + I/O %s + expert arena %s "
                  "(minimum %s)", format_bytes(budget), format_bytes(plan.resident_bytes), format_bytes(plan.kv_bytes),

@@ -8,7 +8,10 @@ Skipped on machines without CUDA or MPS (marker ``gpu``). On a GPU:
   pinned host staging buffers and are copied on a separate CUDA stream, and its
   logits (prefill + decode) equal the fully resident model on the same device
   bit for bit at the minimum, a middle and the full budget (``exact`` policy);
-- ``moestream run --device cuda`` answers and ``Engine.load(device=...)`` reports the device.
+- ``moestream run --device cuda`` answers and ``Engine.load(device=...)`` reports the device;
+- a nested-codec model (matryoshka_floor, residual) keeps its plane bytes in the device arena and
+  decodes experts there (``PlaneDecoder``): logits equal the resident decoded model on the same device
+  bit for bit at the minimum and the full budget, and at a capped level.
 """
 
 from __future__ import annotations
@@ -26,9 +29,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from runtime_model import subprocess_env  # noqa: E402
 from streaming_helpers import CTX, budgets, build_converted, run_logits  # noqa: E402
 
+from moestream.convert.compress import CompressOptions, compress_checkpoint  # noqa: E402
+from moestream.convert.shard_reader import ShardedModel  # noqa: E402
 from moestream.engine.api import Engine  # noqa: E402
+from moestream.engine.compressed_models import load_eval_model  # noqa: E402
+from moestream.engine.planning import all_experts_arena_bytes, min_streaming_budget  # noqa: E402
 from moestream.engine.hf_loading import load_hf_model  # noqa: E402
-from moestream.engine.streaming import StreamingExperts, load_resident_shard_model, load_streaming_model  # noqa: E402
+from moestream.engine.streaming import (StreamingExperts, load_resident_shard_model, load_streaming_model,  # noqa: E402
+                                        shard_footprint)
 
 MPS = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 DEVICES = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", MPS)) if ok]
@@ -39,6 +47,17 @@ pytestmark = [pytest.mark.gpu,
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return build_converted(tmp_path_factory.mktemp("gpu"))
+
+
+@pytest.fixture(scope="module")
+def nested(models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu_nested")
+    out = {}
+    for codec in ("matryoshka_floor", "residual"):
+        shards, _ = compress_checkpoint(models["hf"], root / codec, CompressOptions(codec=codec, group_size=64),
+                                        progress=False)
+        out[codec] = shards[0].parent
+    return out
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -109,3 +128,32 @@ def test_cli_run_on_device(models, device):
     out = json.loads(proc.stdout)
     assert out["engine"]["device"].startswith(device)
     assert out["engine"]["experts"]["transfer"]["copies"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("codec", ["matryoshka_floor", "residual"])
+def test_nested_experts_decode_in_the_device_arena_bit_exact(nested, device, codec):
+    path = nested[codec]
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(4))
+    with ShardedModel.open(path, verify="off") as r:
+        fp = shard_footprint(r, CTX, device)
+    low = min_streaming_budget(fp)
+    for level in (None, 0):
+        ref_model, _ = load_eval_model(path, level)
+        ref_model.to(device)
+        ref_model.expert_provider.to(device)
+        ref = run_logits(ref_model, ids, 16, device=device)
+        for budget in ((low, low + all_experts_arena_bytes(fp)) if level is None else (low,)):
+            loaded = load_streaming_model(path, memory=budget, ctx=CTX, device=device, level=level)
+            loaded.model.to(device)
+            provider = loaded.model.expert_provider
+            try:
+                assert provider.arena.buffer.device.type == device  # plane bytes live in device memory
+                st = provider.stats()
+                assert st["device_decode"] and not st["native_nested_kernel"]
+                got = run_logits(loaded.model, ids, 16, device=device)
+                assert torch.equal(got, ref), (codec, level, budget, (got - ref).abs().max())
+                st = provider.stats()
+                assert st["transfer"]["bytes_copied"] == st["loader"]["bytes_read"] > 0
+            finally:
+                provider.close()

@@ -102,20 +102,22 @@ def unpack_bits_torch(packed: torch.Tensor, k: int, count: int) -> torch.Tensor:
     if k == 8:
         return raw.clone()
     if 8 % k == 0:
-        shifts = torch.arange(0, 8, k, dtype=torch.uint8)  # [per]
+        shifts = torch.arange(0, 8, k, dtype=torch.uint8, device=raw.device)  # [per]
         vals = (raw[:, None] >> shifts[None, :]) & ((1 << k) - 1)  # [bytes, per]
         return vals.reshape(-1)
     rows = raw.reshape(-1, k).to(torch.int64)
-    word = torch.zeros(rows.shape[0], dtype=torch.int64)
+    word = torch.zeros(rows.shape[0], dtype=torch.int64, device=raw.device)
     for j in range(k):
         word |= rows[:, j] << (8 * j)
-    shifts64 = torch.arange(8, dtype=torch.int64) * k
+    shifts64 = torch.arange(8, dtype=torch.int64, device=raw.device) * k
     vals = (word[:, None] >> shifts64[None, :]) & ((1 << k) - 1)
     return vals.to(torch.uint8).reshape(-1)
 
 
-def as_torch(arr: np.ndarray) -> torch.Tensor:
-    """A torch tensor over ``arr`` (copied when the array is read-only, e.g. a file buffer)."""
+def as_torch(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A torch tensor over ``arr`` (copied when the array is read-only, e.g. a file buffer); tensors pass through."""
+    if isinstance(arr, torch.Tensor):
+        return arr
     if not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = np.array(arr, copy=True, order="C")
     return torch.from_numpy(arr)

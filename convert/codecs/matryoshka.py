@@ -236,7 +236,7 @@ class MatryoshkaCodec(Codec):
         m = q.view(R, G, -1) - z[:, :, None]
         alpha = as_torch(enc.segments[0]["scale"]).to(torch.float32)
         if out is None:
-            out = torch.empty((R, C), dtype=torch.float32)
+            out = torch.empty((R, C), dtype=torch.float32, device=alpha.device)
         ov = out.view(R, G, -1)
         ov.copy_(m)
         ov.mul_(alpha[:, :, None])

@@ -127,7 +127,7 @@ class ResidualCodec(Codec):
         z1 = as_torch(seg0["zero"]).to(torch.int32)
         s1 = as_torch(seg0["scale"]).to(torch.float32)
         if out is None:
-            out = torch.empty((R, C), dtype=torch.float32)
+            out = torch.empty((R, C), dtype=torch.float32, device=s1.device)
         ov = out.view(R, G, -1)
         ov.copy_(q1)
         ov.sub_(z1[:, :, None])  # exact: small integers
