@@ -48,7 +48,7 @@ from moestream.bench.synthetic import QUALITY_NOTE, SyntheticSpec, build_synthet
 from moestream.convert.shard_reader import ShardedModel
 from moestream.engine.api import Engine
 from moestream.engine.planning import all_experts_arena_bytes, min_streaming_budget
-from moestream.engine.streaming import shard_footprint
+from moestream.engine.streaming import COMPILE_DECODE_ENV, shard_footprint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,6 +68,15 @@ def nested_shards(hf: Path, out: Path, codec: str, group_size: int) -> Path:
         from moestream.convert.compress import CompressOptions, compress_checkpoint
 
         compress_checkpoint(hf, out, CompressOptions(codec=codec, group_size=group_size), progress=True)
+    return out
+
+
+def arms(args: argparse.Namespace, levels: list[int | None]) -> list[tuple[str, float, int | None, str]]:
+    """``(device, budget fraction, level, decode)`` per arm; decode arms only where they differ (nested on cuda)."""
+    out = []
+    for device in args.devices:
+        decodes = args.gpu_decode if device.startswith("cuda") and args.codec != "none" else ["-"]
+        out += [(device, f, lv, d) for f in args.fractions for lv in levels for d in decodes]
     return out
 
 
@@ -101,9 +110,13 @@ def _decode_pass(model: Any, ids: torch.Tensor, prefill: int, ctx: int, device: 
 
 
 def run_arm(shards: Path, device: str, fraction: float, tokens: list[int], prefill: int, ctx: int,
-            level: int | None = None) -> dict[str, Any]:
-    """Load, then two passes over the same text: cold (the arena starts empty) and warm (it holds what fits)."""
+            level: int | None = None, decode: str = "compiled") -> dict[str, Any]:
+    """Load, then two passes over the same text: cold (the arena starts empty) and warm (it holds what fits).
+
+    ``decode``: how a CUDA arena decodes nested experts (``compiled`` or ``eager``; see ``COMPILE_DECODE_ENV``).
+    """
     memory = budget_bytes(shards, ctx, fraction, device)
+    os.environ[COMPILE_DECODE_ENV] = "1" if decode == "compiled" else "0"
     gc.collect()  # the previous arm's model and arena (reference cycles) must be gone before measuring
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -123,6 +136,7 @@ def run_arm(shards: Path, device: str, fraction: float, tokens: list[int], prefi
     return {
         "device": device, "budget_fraction": fraction, "budget_bytes": memory, "page_cache_dropped": dropped,
         "level": level, "device_decode": st.get("device_decode"), "native_nested_kernel": st.get("native_nested_kernel"),
+        "decode": decode if st.get("device_decode") else None, "compiled_decode": st.get("compiled_decode"),
         "load_s": load_s, "decode_tokens": len(cold), "decode_s": decode_s,
         "decode_tok_s": len(cold) / decode_s, "median_token_ms": 1000 * statistics.median(cold),
         "warm_decode_tok_s": len(warm) / sum(warm), "warm_median_token_ms": 1000 * statistics.median(warm),
@@ -168,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=128, help="nested codec group length")
     p.add_argument("--levels", nargs="+", type=int, default=None,
                    help="nested levels to time, one arm each (default: each expert's highest stored level)")
+    p.add_argument("--gpu-decode", nargs="+", choices=("compiled", "eager"), default=["compiled"],
+                   help="nested codecs on cuda: decode arms (torch.compile'd fused decode and/or the eager one)")
+    p.add_argument("--commit", default=None, help="commit to record when the tree has no .git")
     args = p.parse_args(argv)
 
     spec = SyntheticSpec(layers=args.layers, experts=args.experts, hidden=args.hidden,
@@ -186,30 +203,32 @@ def main(argv: list[str] | None = None) -> int:
     tokens = Tokenizer.from_str(json.dumps(tok)).encode(TEXT.read_text()).ids[:args.tokens]
     records = []
     for rep in range(args.reps):  # interleaved: every arm once per repetition
-        for device in args.devices:
-            for fraction, level in ((f, lv) for f in args.fractions for lv in levels):
-                rec = run_arm(shards, device, fraction, tokens, args.prefill, args.ctx, level)
-                rec["rep"] = rep
-                records.append(rec)
-                print(f"rep {rep} {device:5s} level {level} budget {fraction:4.2f}: "
-                      f"cold {rec['decode_tok_s']:7.2f} tok/s, "
-                      f"warm {rec['warm_decode_tok_s']:7.2f} tok/s, "
-                      f"hit {rec['hit_rate'] or 0:.2f}, read {rec['bytes_read'] / 2**20:8.1f} MiB, "
-                      f"peak dev {(rec['peak_device_bytes'] or 0) / 2**20:8.1f} MiB "
-                      f"(budget {rec['budget_bytes'] / 2**20:8.1f} MiB)", flush=True)
+        for device, fraction, level, decode in arms(args, levels):
+            rec = run_arm(shards, device, fraction, tokens, args.prefill, args.ctx, level, decode)
+            rec["rep"] = rep
+            rec["arm_decode"] = decode
+            records.append(rec)
+            print(f"rep {rep} {device:5s} {decode:8s} level {level} budget {fraction:4.2f}: "
+                  f"cold {rec['decode_tok_s']:7.2f} tok/s, "
+                  f"warm {rec['warm_decode_tok_s']:7.2f} tok/s, "
+                  f"hit {rec['hit_rate'] or 0:.2f}, read {rec['bytes_read'] / 2**20:8.1f} MiB, "
+                  f"peak dev {(rec['peak_device_bytes'] or 0) / 2**20:8.1f} MiB "
+                  f"(budget {rec['budget_bytes'] / 2**20:8.1f} MiB)", flush=True)
     summary = []
-    for device in args.devices:
-        for fraction, level in ((f, lv) for f in args.fractions for lv in levels):
-            rs = [r for r in records if r["device"] == device and r["budget_fraction"] == fraction
-                  and r["level"] == level]
-            summary.append({"device": device, "budget_fraction": fraction, "level": level,
-                            "budget_bytes": rs[0]["budget_bytes"],
-                            "decode_tok_s_median": statistics.median(r["decode_tok_s"] for r in rs),
-                            "decode_tok_s_all": [r["decode_tok_s"] for r in rs],
-                            "warm_decode_tok_s_median": statistics.median(r["warm_decode_tok_s"] for r in rs),
-                            "hit_rate": rs[0]["hit_rate"],
-                            "peak_device_bytes_max": max((r["peak_device_bytes"] or 0) for r in rs) or None})
-    doc = {"benchmark": "gpu_streaming", "note": QUALITY_NOTE, "machine": machine_info(), "gpu": gpu_info(),
+    for device, fraction, level, decode in arms(args, levels):
+        rs = [r for r in records if r["device"] == device and r["budget_fraction"] == fraction
+              and r["level"] == level and r["arm_decode"] == decode]
+        summary.append({"device": device, "budget_fraction": fraction, "level": level, "decode": decode,
+                        "budget_bytes": rs[0]["budget_bytes"],
+                        "decode_tok_s_median": statistics.median(r["decode_tok_s"] for r in rs),
+                        "decode_tok_s_all": [r["decode_tok_s"] for r in rs],
+                        "warm_decode_tok_s_median": statistics.median(r["warm_decode_tok_s"] for r in rs),
+                        "hit_rate": rs[0]["hit_rate"],
+                        "peak_device_bytes_max": max((r["peak_device_bytes"] or 0) for r in rs) or None})
+    machine = machine_info()
+    if args.commit:  # a copy of the tree without .git (a lent GPU machine): the caller names the commit
+        machine["git_commit"] = args.commit
+    doc = {"benchmark": "gpu_streaming", "note": QUALITY_NOTE, "machine": machine, "gpu": gpu_info(),
            "spec": spec.__dict__, "shard_dtype": args.shard_dtype, "codec": args.codec, "build_s": build_s,
            "model_bytes": sum(f.stat().st_size for f in shards.glob("*.gguf")),
            "settings": {k: str(v) for k, v in vars(args).items()}, "records": records, "summary": summary}

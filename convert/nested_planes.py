@@ -26,10 +26,11 @@ Knows nothing about Hugging Face checkpoints, the engine or the scheduler.
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -39,10 +40,12 @@ from gguf import quants as gguf_quants
 from moestream.convert import constants as C
 from moestream.convert.codecs import EncodedTensor, get_codec
 from moestream.convert.codecs.base import Codec
+from moestream.convert.codecs.matryoshka import MatryoshkaCodec, decode_level
 from moestream.convert.errors import ModelFormatError
 from moestream.convert.shard_reader import register_expert_decoder
 from moestream.convert.shard_writer import TensorDecl
 
+log = logging.getLogger(__name__)
 EXPERT_PROJS = C.EXPERT_PROJS
 #: Part name of the per-plane blob tensor (``...experts.{E}.nested.p{j}_bytes``).
 NESTED_PART = "nested"
@@ -256,6 +259,28 @@ def planes_from_encoded(codec: Codec, group_size: int, shapes: Mapping[str, tupl
     return blobs
 
 
+_COMPILED: dict[str, Any] = {"fn": None, "failed": None}
+
+
+def compiled_level_decoder() -> Callable[..., torch.Tensor] | None:
+    """``torch.compile(decode_level)`` (built on first use), or None after a compiler failure."""
+    if _COMPILED["failed"] is not None:
+        return None
+    if _COMPILED["fn"] is None:
+        _COMPILED["fn"] = torch.compile(decode_level, dynamic=False)
+    return _COMPILED["fn"]
+
+
+def compiled_decode_failure() -> str | None:
+    """Why the compiled decode was switched off in this process (None while it works or was never tried)."""
+    return _COMPILED["failed"]
+
+
+def _disable_compiled(exc: BaseException) -> None:
+    _COMPILED["failed"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    log.warning("compiled expert decode unavailable (%s); decoding eagerly", _COMPILED["failed"])
+
+
 def _header_bytes(buf: Any) -> bytes:
     """The header fields (first ``_HEADER.size`` bytes) of plane-0 bytes (bytes, numpy array or CPU tensor)."""
     raw = buf.numpy() if isinstance(buf, torch.Tensor) else np.asarray(bytearray(buf) if isinstance(buf, bytes) else buf)
@@ -295,6 +320,13 @@ class PlaneDecoder:
         shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
         return cls(codec, plane_layout(codec, gs, hidden, inter), shapes, raw)
 
+    @property
+    def compilable(self) -> bool:
+        """Whether ``decode(compiled=True)`` fuses this codec's decode (matryoshka levels: exact integer
+        steps and one product per weight; ``residual`` adds terms, which a fused kernel could contract
+        into FMAs, so it stays eager)."""
+        return isinstance(self.codec, MatryoshkaCodec)
+
     def check_header(self, plane0: Any, what: str = "an expert") -> None:
         """Raise unless ``plane0`` (host bytes of an expert's plane 0) carries this decoder's header.
 
@@ -333,21 +365,40 @@ class PlaneDecoder:
         return {p: EncodedTensor(codec=self.codec.name, params=self.codec.params, shape=self.shapes[p],
                                  group_size=lay.group_sizes[p], segments=segs[p]) for p in EXPERT_PROJS}
 
-    def decode(self, planes: list[torch.Tensor],
-               out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def decode(self, planes: list[torch.Tensor], out: Mapping[str, torch.Tensor] | None = None,
+               compiled: bool = False) -> dict[str, torch.Tensor]:
         """Decode planes 0..j (uint8 tensors on one device) at level j into fp32 ``{proj: tensor}``.
 
         Args:
             planes: each plane's bytes (:meth:`ShardedModel.expert_plane_range`), on any device.
             out: optional ``{proj: fp32 tensor}`` of the projections' shapes on the planes' device,
                 written in place (a reused scratch buffer); new tensors otherwise.
+            compiled: decode matryoshka levels with the ``torch.compile``'d :func:`decode_level`
+                (one fused kernel per projection instead of a dozen: on a GPU the eager decode is
+                bound by kernel launches). Same bits; falls back to the eager decode, with one
+                warning, when the compiler is unavailable or fails.
 
         Returns:
             ``{proj: fp32 tensor}`` on the planes' device, bit-identical to :func:`decode_planes`.
         """
         recs = self.records([p.reshape(-1).view(torch.uint8) for p in planes])
+        fused = compiled_level_decoder() if compiled and self.compilable else None
+        if fused is not None:
+            try:
+                return {p: self._decode_fused(fused, recs[p], len(planes), None if out is None else out[p])
+                        for p in EXPERT_PROJS}
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: report once, decode eagerly
+                _disable_compiled(exc)
         return {p: self.codec.torch_decode(recs[p], len(planes), out=None if out is None else out[p])
                 for p in EXPERT_PROJS}
+
+    def _decode_fused(self, fused: Callable[..., torch.Tensor], rec: EncodedTensor, level: int,
+                      out: torch.Tensor | None) -> torch.Tensor:
+        seg0 = rec.segments[0]
+        if out is None:
+            out = torch.empty(rec.shape, dtype=torch.float32, device=seg0["scale"].device)
+        planes = [rec.segments[j][f"plane{j + 1}"] for j in range(level)]
+        return fused(planes, seg0["zero"], seg0["scale"], out, **self.codec.level_spec(level))
 
 
 def decode_planes(blobs: list[Any]) -> dict[str, torch.Tensor]:

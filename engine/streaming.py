@@ -32,6 +32,7 @@ Knows nothing about tokenization, the generate loop or the CLI.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 import threading
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from torch import nn
 
 from moestream.convert import constants as C
 from moestream.convert.errors import ModelFormatError
-from moestream.convert.nested_planes import CODEC_IDS, HEADER_BYTES, PlaneDecoder
+from moestream.convert.nested_planes import CODEC_IDS, HEADER_BYTES, PlaneDecoder, compiled_decode_failure
 from moestream.convert.page_cache import drop_cached_file
 from moestream.convert.shard_reader import ShardedModel, tensor_from_buffer
 from moestream.engine import native_kernels
@@ -61,6 +62,8 @@ from moestream.scheduler.policies import POLICIES, make_policy
 from moestream.scheduler.transfer import DeviceStaging
 
 NESTED_CODECS = tuple(CODEC_IDS)  # expert codecs stored as nested planes (decodable on any torch device)
+#: Set to 0 to decode nested experts in a CUDA arena eagerly instead of with the torch.compile'd decode.
+COMPILE_DECODE_ENV = "MOESTREAM_COMPILE_DECODE"
 
 log = logging.getLogger("moestream")
 
@@ -176,8 +179,10 @@ class StreamingExperts:
             staging buffers (one slot each), are verified there and copied on a separate CUDA stream.
         staged: force (True) or forbid (False) the staging path; None = staged exactly when
             ``device`` is not the CPU. ``staged=True`` on the CPU runs the GPU path's logic without a GPU.
-            Nested/GGML codecs decode on the host (numpy), so their arena stays in host memory and
-            the decoded fp32 expert is copied into device scratch.
+            Nested codecs keep their plane bytes in the device arena and decode there into fp32 scratch
+            (on CUDA with the torch.compile'd decode unless ``MOESTREAM_COMPILE_DECODE=0``); GGML
+            expert codecs decode on the host (numpy), so their arena stays in host memory and the
+            decoded fp32 expert is copied into device scratch.
         level_cap: highest nested level to use (None: each expert's highest stored level); planes above
             it are never read.
 
@@ -235,6 +240,7 @@ class StreamingExperts:
         self._native = native_kernels.nested_views_for(self.layout.codec, self.device) if on_host else None
         self._plane_decoder = (nested_plane_decoder(reader) if not on_host and self.layout.codec in NESTED_CODECS
                                else None)
+        self._compiled_decode = self.device.type == "cuda" and os.environ.get(COMPILE_DECODE_ENV, "1") != "0"
         n_scratch = 0 if self.layout.in_place or self._native is not None else self.max_experts_per_acquire
         h, i = self.layout.hidden, self.layout.inter
         self._scratch = [(torch.empty(2 * i, h, device=self.device), torch.empty(h, i, device=self.device))
@@ -285,7 +291,7 @@ class StreamingExperts:
             self._scratch_next += 1
             i = gate_up.shape[0] // 2
             self._plane_decoder.decode(list(buffers), out={"gate_proj": gate_up[:i], "up_proj": gate_up[i:],
-                                                           "down_proj": down32})
+                                                           "down_proj": down32}, compiled=self._compiled_decode)
             return ExpertView(gate=gate_up[:i], up=gate_up[i:], down=down32, level=level, gate_up=gate_up)
         t = self.reader.decode_expert_planes(layer, expert, buffers)
         gate, up, down = t["gate_proj"], t["up_proj"], t["down_proj"]
@@ -381,6 +387,8 @@ class StreamingExperts:
                  arena_slots=sum(self.arena.slot_counts), experts_total=self.n_experts_total,
                  in_place_views=self.layout.in_place, native_nested_kernel=self._native is not None,
                  device_decode=self._plane_decoder is not None,
+                 compiled_decode=(self._plane_decoder is not None and self._compiled_decode
+                                  and self._plane_decoder.compilable and compiled_decode_failure() is None),
                  plan=self.plan.as_dict())
         return s
 

@@ -109,11 +109,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
-def test_plane_decoder_on_any_device_equals_reference_decode(name, device):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_plane_decoder_on_any_device_equals_reference_decode(name, device, compiled):
     """Plane blobs held as uint8 tensors on ``device`` decode there (PlaneDecoder) to the reference bits,
-    at every level, into new tensors or into a caller's scratch; a short plane is a clear error."""
-    from moestream.convert.nested_planes import (HEADER_BYTES, PlaneDecoder, decode_planes, effective_group_size,
-                                                 planes_from_encoded)
+    at every level, into new tensors or into a caller's scratch; a short plane is a clear error.
+    ``compiled``: matryoshka levels through the torch.compile'd ``decode_level`` (one fused kernel per
+    projection; residual stays eager) — the same bits."""
+    from moestream.convert.nested_planes import (HEADER_BYTES, PlaneDecoder, compiled_decode_failure, decode_planes,
+                                                 effective_group_size, planes_from_encoded)
 
     codec = get_codec(name)
     hidden, inter, gs = 256, 96, 64
@@ -126,8 +129,9 @@ def test_plane_decoder_on_any_device_equals_reference_decode(name, device):
     scratch = {p: torch.full(shapes[p], 7.0, device=device) for p in shapes}
     for level in range(len(blobs)):
         host = decode_planes(blobs[:level + 1])
-        got = dec.decode(planes[:level + 1])
-        dec.decode(planes[:level + 1], out=scratch)
+        got = dec.decode(planes[:level + 1], compiled=compiled)
+        dec.decode(planes[:level + 1], out=scratch, compiled=compiled)
+        assert compiled_decode_failure() is None
         for p in shapes:
             ref = enc[p].reference_decode(level + 1)
             assert got[p].device.type == device

@@ -11,7 +11,8 @@ Skipped on machines without CUDA or MPS (marker ``gpu``). On a GPU:
 - ``moestream run --device cuda`` answers and ``Engine.load(device=...)`` reports the device;
 - a nested-codec model (matryoshka_floor, residual) keeps its plane bytes in the device arena and
   decodes experts there (``PlaneDecoder``): logits equal the resident decoded model on the same device
-  bit for bit at the minimum and the full budget, and at a capped level.
+  bit for bit at the minimum and the full budget, and at a capped level (on CUDA matryoshka levels
+  decode through the torch.compile'd fused decode, residual eagerly).
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ def test_nested_experts_decode_in_the_device_arena_bit_exact(nested, device, cod
                 st = provider.stats()
                 assert st["device_decode"] and not st["native_nested_kernel"]
                 got = run_logits(loaded.model, ids, 16, device=device)
+                st = provider.stats()  # CUDA: matryoshka levels decode through the compiled, fused decode
+                assert st["compiled_decode"] is (device == "cuda" and codec == "matryoshka_floor"), st
                 assert torch.equal(got, ref), (codec, level, budget, (got - ref).abs().max())
                 st = provider.stats()
                 assert st["transfer"]["bytes_copied"] == st["loader"]["bytes_read"] > 0

@@ -60,6 +60,37 @@ def slice_code(q8: np.ndarray, r: int) -> np.ndarray:
     return np.clip((q + (1 << (7 - r))) >> (8 - r), 0, (1 << r) - 1)
 
 
+
+def decode_level(planes: Sequence[torch.Tensor], zero: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, *,
+                 plane_bits: tuple[int, ...], stored_bits: int, r: int, slicing: str) -> torch.Tensor:
+    """Decode one matrix at a level from its planes into ``out`` (tensors on any one device).
+
+    A pure tensor function (its static arguments from :meth:`MatryoshkaCodec.level_spec`), so it can
+    be handed to ``torch.compile`` as is: every step is exact integer arithmetic up to one fp32
+    product per weight, so a fused kernel yields the same bits.
+
+    Args:
+        planes: packed bit planes 1..level (uint8), each ``R*C*plane_bits[j]/8`` bytes.
+        zero: uint8 ``[R, G]`` zero points; scale: f16/f32 ``[R, G]`` α.
+        out: fp32 ``[R, C]`` (contiguous), written and returned.
+        plane_bits: bits each plane adds; stored_bits: their sum; r: compute bits of the level;
+        slicing: ``round`` or ``floor``.
+    """
+    R, C = out.shape
+    G = zero.shape[1]
+    top = None
+    for j, pb in enumerate(plane_bits):
+        v = unpack_bits_torch(planes[j], pb, R * C).to(torch.int32)
+        top = v if top is None else (top << pb) | v
+    q = top << (8 - stored_bits)
+    if r < 8 and slicing == "round":
+        q = torch.clamp((q + (1 << (7 - r))) >> (8 - r), 0, (1 << r) - 1) << (8 - r)
+    elif r < 8:
+        q = q + (1 << (7 - r))
+    m = q.view(R, G, -1) - zero.to(torch.int32)[:, :, None]
+    out.view(R, G, -1).copy_(m.to(torch.float32) * scale.to(torch.float32)[:, :, None])
+    return out
+
 class MatryoshkaCodec(Codec):
     """Nested uniform codes; see the module docstring for the formulas.
 
@@ -219,28 +250,17 @@ class MatryoshkaCodec(Codec):
     def torch_decode(self, enc: EncodedTensor, level: int,
                      out: torch.Tensor | None = None) -> torch.Tensor:
         R, C = enc.shape
-        G = C // enc.group_size
-        B = self.stored_bits[level - 1]
-        top = None
-        for j in range(level):
-            pb = self.plane_bits[j]
-            v = unpack_bits_torch(as_torch(enc.segments[j][f"plane{j + 1}"]), pb, R * C).to(torch.int32)
-            top = v if top is None else (top << pb) | v
-        q = top << (8 - B)
-        r = self._bits[level - 1]
-        if r < 8 and self.slicing == "round":
-            q = torch.clamp((q + (1 << (7 - r))) >> (8 - r), 0, (1 << r) - 1) << (8 - r)
-        elif r < 8:
-            q = q + (1 << (7 - r))
-        z = as_torch(enc.segments[0]["zero"]).to(torch.int32)
-        m = q.view(R, G, -1) - z[:, :, None]
-        alpha = as_torch(enc.segments[0]["scale"]).to(torch.float32)
+        planes = [as_torch(enc.segments[j][f"plane{j + 1}"]) for j in range(level)]
+        zero = as_torch(enc.segments[0]["zero"])
+        alpha = as_torch(enc.segments[0]["scale"])
         if out is None:
             out = torch.empty((R, C), dtype=torch.float32, device=alpha.device)
-        ov = out.view(R, G, -1)
-        ov.copy_(m)
-        ov.mul_(alpha[:, :, None])
-        return out
+        return decode_level(planes, zero, alpha, out, **self.level_spec(level))
+
+    def level_spec(self, level: int) -> dict[str, Any]:
+        """The static arguments of :func:`decode_level` for ``level`` (1-based)."""
+        return {"plane_bits": self.plane_bits[:level], "stored_bits": self.stored_bits[level - 1],
+                "r": self._bits[level - 1], "slicing": self.slicing}
 
     # ------------------------------------------------------------------ helpers
     def level_codes(self, enc: EncodedTensor, level: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
