@@ -68,6 +68,28 @@ class LayerCache:
             out.append(buf.narrow(self.time_dim, 0, end))
         return tuple(out)
 
+    def append_one(self, start: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`update` for one position, with ``new`` tensors that have no time axis (the decode step).
+
+        Args:
+            start: the position to write.
+            *new: one tensor per buffer, the buffer's shape without its time axis.
+
+        Returns:
+            Views of every buffer over positions ``0..start+1`` (no copies).
+
+        Raises:
+            ValueError: when ``start`` is past the last allocated position.
+        """
+        end = start + 1
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated; make a larger cache")
+        out = []
+        for buf, x in zip(self.buffers, new):
+            buf.select(self.time_dim, start).copy_(x)
+            out.append(buf.narrow(self.time_dim, 0, end))
+        return tuple(out)
+
     @property
     def nbytes(self) -> int:
         """Bytes allocated by this entry."""

@@ -25,10 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moestream.engine import decode_kernels
 from moestream.engine.experts import ExpertProvider, weighted_expert_sum
 from moestream.engine.kv_cache import LayerCache
 
 RoutingHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+#: The lean single-token decode path: :meth:`Attention._decode_one` (native attention core from
+#: ``engine/decode_kernels.py`` where it applies), the one-token routing of :class:`MoEBlock`, and for fp32
+#: :class:`RMSNorm` the native row norm on small inputs, else ``F.rms_norm``. False selects the general path
+#: everywhere (same math within fp32 rounding; ``bench/decode_overhead.py`` A/B, ``tests/test_decode_fast_path.py``).
+FAST_DECODE = True
+#: Largest input (elements) :class:`RMSNorm` hands the single-threaded native norm (decode-sized rows).
+NATIVE_NORM_MAX = 1 << 16
+#: :meth:`Attention._decode_one` tries the native attention core first (tests switch it off to check the torch path).
+NATIVE_ATTENTION = True
 
 
 class RMSNorm(nn.Module):
@@ -38,8 +49,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self._shape = (dim,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if FAST_DECODE and x.dtype == torch.float32 and w.dtype == torch.float32:
+            y = decode_kernels.rms_norm(x, w, self.eps) if x.numel() <= NATIVE_NORM_MAX else None
+            # F.rms_norm: one op, bit-identical to the lines below in fp32; the native norm sums in double
+            return y if y is not None else F.rms_norm(x, self._shape, w, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -179,6 +196,13 @@ class Attention(nn.Module):
         Returns:
             ``[B, T, H]``.
         """
+        if FAST_DECODE and cache is not None and x.shape[1] == 1:
+            return self._decode_one(x, cos, sin, start, cache)
+        return self._forward_general(x, cos, sin, start, cache)
+
+    def _forward_general(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                         cache: LayerCache | None) -> torch.Tensor:
+        """Any ``T``, with or without a cache (see :meth:`forward`)."""
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, h*D], [B, T, g*D] x2
         if self.qk_norm == "full":
@@ -196,6 +220,39 @@ class Attention(nn.Module):
             k, v = cache.update(start, k, v)  # [B, g, S, D]
         out = sdpa(q, k, v, start, self.scale)  # [B, h, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _decode_one(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                    cache: LayerCache) -> torch.Tensor:
+        """One new token per sequence (``x [B, 1, H]``, ``cos/sin [1, D]``): the general math in fewer ops.
+
+        After the projections (and a full-width q/k norm or clipping) one native call
+        (:func:`decode_kernels.attend_one`: per-head norm, RoPE, cache write, attention) where it
+        applies; else torch: no time axis (heads as rows ``[B, h, D]``), q and k rotated together,
+        k/v written straight into the cache, attention for the one query per head as SDPA over each
+        kv head's ``h/g`` query rows without a mask (no GQA expansion). Equal to
+        :meth:`_forward_general` within fp32 rounding (the attention sums run in another order);
+        ``tests/test_decode_fast_path.py``.
+        """
+        b = x.shape[0]
+        h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, 1, h*D], [B, 1, g*D] x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (z.clamp(-self.clip_qkv, self.clip_qkv) for z in (q, k, v))
+        head = self.qk_norm == "head"
+        out = decode_kernels.attend_one(q, k, v, self.q_norm.weight if head else None,
+                                        self.k_norm.weight if head else None, self.q_norm.eps if head else 0.0,
+                                        cos, sin, *cache.buffers, start, h, g, self.scale) if NATIVE_ATTENTION else None
+        if out is not None:
+            return self.o_proj(out)  # [B, 1, H]
+        q, k = q.view(b, h, d), k.view(b, g, d)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        qk = apply_rope(torch.cat((q, k), dim=1), cos, sin)  # [B, h+g, D]
+        k_all, v_all = cache.append_one(start, qk[:, h:], v.view(b, g, d))  # [B, g, S, D] each
+        out = F.scaled_dot_product_attention(qk[:, :h].view(b, g, h // g, d), k_all, v_all, scale=self.scale)
+        return self.o_proj(out.reshape(b, 1, h * d))  # out [B, g, h/g, D]: kv head j's queries are heads j*h/g..
 
 
 class DenseMLP(nn.Module):
@@ -344,7 +401,7 @@ class MoEBlock(nn.Module):
         for hook in self._runtime.hooks:
             hook(self.layer_idx, ids, weights)
         if xf.shape[0] == 1:
-            out = self._routed_one(xf, ids[0], weights[0])
+            out = self._routed_one(xf, ids, weights)
         else:
             out = self._routed_grouped(xf, ids, weights)
         if self._shared_name is not None:
@@ -355,10 +412,15 @@ class MoEBlock(nn.Module):
         return out.view(shape)
 
     def _routed_one(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One token: ``x [1, H]``, ``ids/weights [k]`` -> ``[1, H]``, experts in id order."""
-        order = torch.argsort(ids)
-        id_list = ids[order].tolist()
-        w_list = weights[order].tolist()
+        """One token: ``x [1, H]``, ``ids/weights [1, k]`` -> ``[1, H]``, experts in id order."""
+        if FAST_DECODE:  # sort the k pairs in Python: two tolist calls instead of argsort + gathers
+            id_list, w_list = ids.tolist()[0], weights.tolist()[0]
+            order = sorted(range(len(id_list)), key=id_list.__getitem__)
+            id_list, w_list = [id_list[j] for j in order], [w_list[j] for j in order]
+        else:
+            order = torch.argsort(ids[0])
+            id_list = ids[0][order].tolist()
+            w_list = weights[0][order].tolist()
         provider = self._runtime.require_provider()
         views = provider.acquire(self.layer_idx, id_list, w_list)
         try:

@@ -1,0 +1,139 @@
+"""Native helpers for the single-token decode step: fp32 RMSNorm rows and the attention core.
+
+Owns :func:`rms_norm` and :func:`attend_one` (one ctypes call each instead of ~8 and ~30 torch ops,
+whose dispatch dominates a decode step's glue on one CPU thread), built once per machine from
+``decode_kernels_src.py`` like ``engine/dense_kernels.py``. Both return None when they cannot run
+(no compiler, ``MOESTREAM_NATIVE_KERNELS=0``, a non-CPU / non-fp32 / non-contiguous operand), and the
+caller keeps its torch path. Results equal the torch path within fp32 rounding (sums in another
+order; the RoPE products are bit-identical): ``tests/test_decode_fast_path.py``.
+
+Knows nothing about models: tensors and sizes in, tensors out.
+
+Legend: B sequences, h query heads, g kv heads, D head dim, L cache positions, R rotary dims.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from moestream.convert.native_build import build_first_working, find_compiler
+from moestream.engine.native_kernels import enabled
+
+log = logging.getLogger("moestream")
+
+_build_lock = threading.Lock()
+_VARIANTS = (["-march=native"], [])
+_CFLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+_F32 = torch.float32
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    P, I64, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.dk_abi.argtypes, lib.dk_abi.restype = [], ctypes.c_int
+    lib.dk_rms_norm.argtypes, lib.dk_rms_norm.restype = [P, P, P, I64, I64, F], None
+    lib.dk_attend_one.argtypes = [P, I64, P, I64, P, I64, P, P, F, P, P, I64, P, P, I64, I64, I64,
+                                  I64, I64, I64, I64, F, P]
+    lib.dk_attend_one.restype = ctypes.c_int
+    return lib
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled helpers, or None (one warning) when no build works here."""
+    from moestream.engine.decode_kernels_src import C_SOURCE
+
+    with _build_lock:
+        cc = find_compiler()
+        if cc is None:
+            return None
+        lib, errors = build_first_working("decode_kernels", C_SOURCE, _CFLAGS, _VARIANTS, cc, _load,
+                                          lambda lib: None if lib.dk_abi() == 1 else "ABI mismatch")
+        if lib is None:
+            log.warning("native decode helpers unavailable (%s); using torch ops", "; ".join(errors))
+        return lib
+
+
+def available() -> bool:
+    """True when the helpers are enabled and built."""
+    return enabled() and library() is not None
+
+
+def _lib() -> ctypes.CDLL | None:
+    return library() if enabled() else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """``weight * x / sqrt(mean(x^2, -1) + eps)`` for contiguous fp32 CPU ``x [..., n]``, else None.
+
+    Args:
+        x: activations; weight: ``[n]`` fp32; eps: added to the mean square.
+
+    Returns:
+        A new tensor shaped like ``x``, or None when the native helper does not apply.
+    """
+    if (x.dtype != _F32 or weight.dtype != _F32 or x.device.type != "cpu"
+            or not x.is_contiguous() or not weight.is_contiguous()):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    n = x.shape[-1]
+    y = torch.empty_like(x)
+    lib.dk_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n, eps)
+    return y
+
+
+def _row_stride(t: torch.Tensor, rows: int, d: int) -> int | None:
+    """Batch stride of ``t [B, rows*d]``-like activations whose rows of one sequence are contiguous."""
+    if t.dtype != _F32 or t.device.type != "cpu" or t.stride(-1) != 1 or t.shape[-1] != rows * d:
+        return None
+    return int(t.stride(0))
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w: torch.Tensor | None,
+               k_w: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, num_heads: int, num_kv_heads: int,
+               scale: float) -> torch.Tensor | None:
+    """Attention core of one new token per sequence, or None when the native helper does not apply.
+
+    Args:
+        q: ``[B, 1, h*D]`` projected queries; k, v: ``[B, 1, g*D]`` (each sequence's row contiguous).
+        q_w, k_w: per-head RMSNorm weights ``[D]`` (``qk_norm="head"``) or None.
+        eps: their epsilon.
+        cos, sin: ``[1, R]`` rotate-half RoPE rows for position ``pos`` (R <= D, even).
+        k_cache, v_cache: contiguous ``[B, g, L, D]`` buffers; position ``pos`` is written.
+        pos: the new token's position (``< L``).
+        num_heads, num_kv_heads: h and g (g divides h).
+        scale: softmax scale.
+
+    Returns:
+        ``[B, 1, h*D]`` attention output (before ``o_proj``), or None.
+    """
+    if k_cache.device.type != "cpu" or k_cache.dim() != 4:
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    b, g, L, d = k_cache.shape
+    h = num_heads
+    qb, kb, vb = _row_stride(q, h, d), _row_stride(k, g, d), _row_stride(v, g, d)
+    r = cos.shape[-1]
+    norms_ok = all(w is None or (w.dtype == _F32 and w.is_contiguous() and w.numel() == d) for w in (q_w, k_w))
+    if (qb is None or kb is None or vb is None or not norms_ok or d > 1024 or r > d or r % 2
+            or k_cache.dtype != _F32 or v_cache.dtype != _F32 or k_cache.device.type != "cpu"
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or v_cache.shape != k_cache.shape
+            or cos.dtype != _F32 or sin.dtype != _F32 or not (cos.is_contiguous() and sin.is_contiguous())
+            or q.shape[0] != b or g != num_kv_heads or h % g or not 0 <= pos < L):
+        return None
+    out = torch.empty((b, 1, h * d), dtype=_F32)
+    rc = lib.dk_attend_one(q.data_ptr(), qb, k.data_ptr(), kb, v.data_ptr(), vb,
+                           None if q_w is None else q_w.data_ptr(), None if k_w is None else k_w.data_ptr(), eps,
+                           cos.data_ptr(), sin.data_ptr(), r, k_cache.data_ptr(), v_cache.data_ptr(), g * L * d, L,
+                           pos, b, h, g, d, scale, out.data_ptr())
+    return None if rc else out
