@@ -219,7 +219,8 @@ def linear(x: torch.Tensor, p: PackedDense) -> torch.Tensor:
     """
     if x.shape[-1] != p.shape[1]:
         raise ValueError(f"activations have {x.shape[-1]} features, the {p.kind} matrix takes {p.shape[1]}")
-    x = x.float().contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
     lib = library() if enabled() else None
     if lib is None:
         return reference_linear(x, p)

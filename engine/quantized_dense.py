@@ -95,6 +95,7 @@ class QuantizedLinear(_Packed):
         """
         super().__init__(packed)
         self.out_features, self.in_features = packed.shape
+        self._cached: PackedDense | None = None  # self.packed for the current buffers (one per call costs µs)
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias.detach().float(), requires_grad=False)
         self.bias = bias
@@ -103,11 +104,19 @@ class QuantizedLinear(_Packed):
         """``x [..., K] -> [..., N]`` in ``x.dtype``."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        p = self.packed
-        y = dense_kernels.linear(x2, p) if self.qs.device.type == "cpu" else dense_kernels.reference_linear(x2, p)
+        qs, d = self.qs, self.d
+        p = self._cached
+        if p is None or p.qs is not qs or p.d is not d:  # rebuilt after .to() / load_state_dict swaps a buffer
+            p = self._cached = PackedDense(self.kind, qs, d, self.shape)
+        y = dense_kernels.linear(x2, p) if qs.device.type == "cpu" else dense_kernels.reference_linear(x2, p)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*lead, self.out_features).to(x.dtype)  # [..., N]
+        y = y.view(*lead, self.out_features)  # [..., N]
+        return y if x.dtype == y.dtype else y.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):  # .to() / .float() / ...: drop the cached view of the old buffers
+        self._cached = None
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, " \

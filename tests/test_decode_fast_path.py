@@ -187,3 +187,18 @@ def test_model_decode_switch_on_off(model_type, extra):
             model(ids[:, :4], cache)
             out[arm] = torch.cat([model(ids[:, t:t + 1], cache) for t in range(4, 12)], dim=1)
     torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_linear_cached_packed_follows_buffers():
+    from moestream.engine import dense_kernels
+    from moestream.engine.quantized_dense import QuantizedLinear
+
+    lin = QuantizedLinear(dense_kernels.quantize(torch.randn(8, 64), "q8_0"))
+    x = torch.randn(2, 64)
+    want = lin(x)
+    old_qs = lin.qs
+    lin._apply(lambda t: t.clone())  # what .to() does with a real move: new buffers
+    assert lin._cached is None and lin.qs is not old_qs
+    assert torch.equal(lin(x), want) and lin._cached.qs is lin.qs
+    lin.qs = lin.qs.clone()  # a buffer swapped by hand is noticed too
+    assert torch.equal(lin(x), want) and lin._cached.qs is lin.qs
