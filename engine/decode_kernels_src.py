@@ -58,14 +58,35 @@ static void norm_rope(const float *x, const float *w, float eps, const float *cs
     for (int64_t i = R; i < D; i++) out[i] = src[i];
 }
 
+/* The attention sums may use FMA (their order differs from torch's anyway); the norm and RoPE above
+   keep separate products and sums (-ffp-contract=off) to match torch bit for bit. */
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+
+__attribute__((optimize("fp-contract=fast")))
 static float dot(const float *a, const float *b, int64_t n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    v8 acc0 = {0}, acc1 = {0};
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    for (; i + 16 <= n; i += 16) {
+        acc0 += load8(a + i) * load8(b + i);
+        acc1 += load8(a + i + 8) * load8(b + i + 8);
+    }
+    for (; i + 8 <= n; i += 8) acc0 += load8(a + i) * load8(b + i);
+    v8 acc = acc0 + acc1;
     float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+/* o[i] += p * v[i], i < n */
+__attribute__((optimize("fp-contract=fast")))
+static void axpy(float *o, float p, const float *v, int64_t n) {
+    const v8 pv = {p, p, p, p, p, p, p, p};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store8(o + i, load8(o + i) + pv * load8(v + i));
+    for (; i < n; i++) o[i] += p * v[i];
 }
 
 /* q [B, h, D], k/v [B, g, D] (rows of q/k/v may have their own batch strides), kc/vc caches [B, g, L, D]
@@ -101,11 +122,7 @@ int dk_attend_one(const float *q, int64_t qb, const float *k, int64_t kb, const 
             memset(o, 0, sizeof(float) * (size_t)(r * D));
             for (int64_t s = 0; s < S; s++) {
                 const float *vs = V + s * D;
-                for (int64_t t = 0; t < r; t++) {
-                    const float ps = p[t * S + s];
-                    float *ot = o + t * D;
-                    for (int64_t i = 0; i < D; i++) ot[i] += ps * vs[i];
-                }
+                for (int64_t t = 0; t < r; t++) axpy(o + t * D, p[t * S + s], vs, D);
             }
         }
     }

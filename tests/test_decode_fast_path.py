@@ -94,6 +94,21 @@ def test_attention_decode_one_matches_general(name, batch, native):
             assert torch.equal(attn(x1, cos, sin, pos, entry), got)  # forward dispatches T=1 to _decode_one
 
 
+def test_native_attention_declines_long_context(monkeypatch):
+    if not decode_kernels.available():
+        pytest.skip("native decode helpers not built here")
+    attn = _attention(VARIANTS["gqa4_head_norm"])
+    rope = RotaryEmbedding(attn.head_dim, 10000.0)
+    entry = attn.new_cache_entry(1, 12)
+    q, k, v = (torch.randn(1, 1, n * 16) for n in (8, 2, 2))
+    cos, sin = rope(9, 1)
+    args = (q, k, v, None, None, 1e-6, cos, sin, *entry.buffers)
+    assert decode_kernels.attend_one(*args, 9, 8, 2, 0.25) is not None
+    monkeypatch.setattr(decode_kernels, "MAX_POSITIONS", 9)
+    assert decode_kernels.attend_one(*args, 9, 8, 2, 0.25) is None  # the torch path takes over
+    assert decode_kernels.attend_one(*args, 8, 8, 2, 0.25) is not None
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_attention_decode_one_cache_full(native):
     blocks.NATIVE_ATTENTION = native

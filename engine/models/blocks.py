@@ -295,7 +295,8 @@ class SoftmaxTopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(F.linear(x, self.weight).float(), dim=-1)  # [N, E]
+        logits = F.linear(x, self.weight)  # [N, E]
+        probs = torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
