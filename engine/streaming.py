@@ -229,18 +229,19 @@ class StreamingExperts:
         self.staging = None if on_host else DeviceStaging(self.device, n_workers, max(slot_sizes), plan.alignment)
         n_slots = counts[0]
         self.loader = ExpertLoader(n_workers=n_workers, block_size=plan.alignment)
-        kwargs = {"window": CONSISTENCY_WINDOW_TOKENS * n_moe_layers * top_k} if cache_policy == "consistency" else {}
-        self.cache = StreamingExpertCache(self, self._decode, self.arena, self.loader,
-                                          policy=make_policy(cache_policy, **kwargs),
-                                          precision_policy=precision_policy, verify=self._verify,
-                                          staging=self.staging)
-        self.max_experts_per_acquire = n_slots if self.layout.in_place else min(n_slots, top_k)
         # nested codecs on the CPU: the native kernel computes from the plane buffers, no fp32 scratch;
         # in a device arena they are decoded on the device into fp32 scratch
         self._native = native_kernels.nested_views_for(self.layout.codec, self.device) if on_host else None
         self._plane_decoder = (nested_plane_decoder(reader) if not on_host and self.layout.codec in NESTED_CODECS
                                else None)
         self._compiled_decode = self.device.type == "cuda" and os.environ.get(COMPILE_DECODE_ENV, "1") != "0"
+        kwargs = {"window": CONSISTENCY_WINDOW_TOKENS * n_moe_layers * top_k} if cache_policy == "consistency" else {}
+        self.cache = StreamingExpertCache(self, self._decode, self.arena, self.loader,
+                                          policy=make_policy(cache_policy, **kwargs),
+                                          precision_policy=precision_policy, verify=self._verify,
+                                          staging=self.staging,
+                                          stable_views=self._native is not None or self.layout.in_place)
+        self.max_experts_per_acquire = n_slots if self.layout.in_place else min(n_slots, top_k)
         n_scratch = 0 if self.layout.in_place or self._native is not None else self.max_experts_per_acquire
         h, i = self.layout.hidden, self.layout.inter
         self._scratch = [(torch.empty(2 * i, h, device=self.device), torch.empty(h, i, device=self.device))

@@ -86,6 +86,9 @@ class StreamingExpertCache:
         wait_timeout_s: give up waiting for a load after this long (None: wait).
         staging: required when the arena lives on an accelerator: reads land in its host buffers, are
             verified there and copied to the slot (``scheduler/transfer.py``).
+        stable_views: ``decode`` returns views over the slot bytes alone (no shared scratch), so a view
+            stays valid while its slots hold the same keys: the all-hit fast path then reuses the view it
+            made last time for the same (layer, expert, level, slots) instead of decoding again.
 
     Raises:
         ValueError: unknown precision policy, or a device arena without staging.
@@ -95,7 +98,8 @@ class StreamingExpertCache:
                  policy: CachePolicy | None = None, precision_policy: str = "exact",
                  nested_levels: bool = True, per_layer_slots: int | None = None,
                  late_after_s: float = 0.0, verify: Verify | None = None,
-                 wait_timeout_s: float | None = None, staging: DeviceStaging | None = None) -> None:
+                 wait_timeout_s: float | None = None, staging: DeviceStaging | None = None,
+                 stable_views: bool = False) -> None:
         if precision_policy not in PRECISION_POLICIES:
             raise ValueError(f"precision_policy must be one of {PRECISION_POLICIES}, got {precision_policy!r}")
         if not arena.on_host and staging is None:
@@ -119,6 +123,9 @@ class StreamingExpertCache:
         self._inflight: set[Future] = set()
         self.loads_started = 0  # slices claimed for loading (prefetch or demand) since construction
         self._stats: dict[int, dict] = defaultdict(_layer_stats)
+        # (layer, expert, level, slot indices) -> view; bounded (cleared when full), only with stable_views
+        self._views: dict[tuple, Any] | None = {} if stable_views else None
+        self._views_limit = 2 * max(1, sum(arena.slot_counts))
 
     # ------------------------------------------------------------------ public API
 
@@ -195,9 +202,21 @@ class StreamingExpertCache:
                     self.policy.on_access(key)
                     self._pin_held(key, slot, st)
                 self._pins[(layer, e)].append(keys)
-            buffers = [(e, len(keys) - 1 if self.nested_levels else keys[-1][2], [self.arena.view(s) for s in slots])
-                       for e, keys, slots in found]
-        return {e: self.decode(layer, e, level, bufs) for e, level, bufs in buffers}
+        return {e: self._resident_view(layer, e, len(keys) - 1 if self.nested_levels else keys[-1][2], slots)
+                for e, keys, slots in found}
+
+    def _resident_view(self, layer: int, expert: int, level: int, slots: list[Slot]) -> Any:
+        """Decode a pinned, READY expert (reusing the view of the same slots when views are stable)."""
+        if self._views is None:
+            return self.decode(layer, expert, level, [self.arena.view(s) for s in slots])
+        key = (layer, expert, level, *(s.index for s in slots))
+        view = self._views.get(key)
+        if view is None:
+            view = self.decode(layer, expert, level, [self.arena.view(s) for s in slots])
+            if len(self._views) >= self._views_limit:
+                self._views.clear()
+            self._views[key] = view
+        return view
 
     def acquire_iter(self, layer: int, expert_ids: Any, gate_weights: Any = None,
                      levels: int | Mapping[int, int] | None = None) -> Iterator[tuple[int, Any]]:

@@ -255,3 +255,41 @@ def test_acquire_resident_changes_nothing_on_a_miss(model_file):
         before = cache.stats()["totals"]
         assert cache.acquire_resident(0, [1], {1: 1}) is None
         assert cache.stats()["totals"] == before and not cache._pins and cache.arena.n_held == 0
+
+
+def test_stable_views_are_reused_while_their_slots_hold_the_same_keys(model_file):
+    """stable_views: an all-hit acquire returns the view made for the same (layer, expert, level, slots)
+    without decoding again; after an eviction the general path decodes the expert anew, with the
+    same bytes (a cached view is keyed by its slots, so it is reused only when the expert is back in the
+    very same slots). Without stable_views every acquire decodes."""
+    path, data = model_file
+    calls = []
+
+    def counting_decode(layer, expert, level, bufs):
+        calls.append((layer, expert, level))
+        return decode(layer, expert, level, bufs)
+
+    for stable in (True, False):
+        calls.clear()
+        arena = ExpertArena(LEVEL_BYTES, [2, 2])
+        loader = ExpertLoader(n_workers=1, retry_delay_s=0)
+        cache = StreamingExpertCache(FileSource(path), counting_decode, arena, loader, stable_views=stable)
+        with loader:
+            first = cache.acquire(0, [1], levels=1)[1]
+            cache.release(0, [1])
+            again = []
+            for _ in range(3):
+                again.append(cache.acquire_resident(0, [1], {1: 1})[1])
+                cache.release(0, [1])
+            assert all(v == first for v in again)  # same bytes either way
+            assert (all(v is again[0] for v in again) and len(calls) == 2) if stable else len(calls) == 4
+            for e in (2, 3):  # two more experts through a 2-slot pool evict expert 1
+                cache.acquire(0, [e], levels=1)
+                cache.release(0, [e])
+            assert cache.acquire_resident(0, [1], {1: 1}) is None
+            fresh = cache.acquire(0, [1], levels=1)[1]
+            cache.release(0, [1])
+            assert fresh == first
+            back = cache.acquire_resident(0, [1], {1: 1})[1]
+            cache.release(0, [1])
+            assert back == first  # reused only when expert 1 is back in the very same slots: the same bytes
