@@ -30,7 +30,7 @@ import logging
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -259,15 +259,39 @@ def planes_from_encoded(codec: Codec, group_size: int, shapes: Mapping[str, tupl
     return blobs
 
 
+#: One projection's static decode spec: ((plane j, offset, nbytes) per plane, zero (j, offset, R, G),
+#: scale (j, offset, dtype, R, G), plane_bits, stored_bits, r, slicing).
+ProjSpec = tuple[tuple[tuple[int, int, int], ...], tuple[int, int, int, int], tuple[int, int, torch.dtype, int, int],
+                 tuple[int, ...], int, int, str]
+
+
+def decode_expert_level(planes: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
+                        spec: tuple[ProjSpec, ...]) -> None:
+    """Decode every projection of one matryoshka expert level from its plane bytes into ``outs``.
+
+    A pure tensor function of the planes (1-D uint8, any one device) with everything else static in
+    ``spec`` (:meth:`PlaneDecoder.level_spec`), so ``torch.compile`` turns one expert into one call:
+    the array views, unpacking and scaling are traced, not rebuilt in Python per use.
+    """
+    for out, (prefs, zref, sref, plane_bits, stored_bits, r, slicing) in zip(outs, spec):
+        bits = [planes[j][off:off + n] for j, off, n in prefs]
+        j, off, rows, groups = zref
+        zero = planes[j][off:off + rows * groups].view(rows, groups)
+        j, off, dt, rows, groups = sref
+        width = 2 if dt == torch.float16 else 4
+        scale = planes[j][off:off + rows * groups * width].view(dt).view(rows, groups)
+        decode_level(bits, zero, scale, out, plane_bits=plane_bits, stored_bits=stored_bits, r=r, slicing=slicing)
+
+
 _COMPILED: dict[str, Any] = {"fn": None, "failed": None}
 
 
-def compiled_level_decoder() -> Callable[..., torch.Tensor] | None:
-    """``torch.compile(decode_level)`` (built on first use), or None after a compiler failure."""
+def compiled_expert_decoder() -> Callable[..., None] | None:
+    """``torch.compile(decode_expert_level)`` (built on first use), or None after a compiler failure."""
     if _COMPILED["failed"] is not None:
         return None
     if _COMPILED["fn"] is None:
-        _COMPILED["fn"] = torch.compile(decode_level, dynamic=False)
+        _COMPILED["fn"] = torch.compile(decode_expert_level, dynamic=False)
     return _COMPILED["fn"]
 
 
@@ -306,6 +330,7 @@ class PlaneDecoder:
     layout: PlaneLayout
     shapes: Mapping[str, tuple[int, int]]
     header: bytes  # the header fields this decoder was built from
+    _specs: dict[int, tuple] = field(default_factory=dict, compare=False, repr=False)  # level -> level_spec
 
     @classmethod
     def from_header(cls, header: Any) -> "PlaneDecoder":
@@ -340,6 +365,21 @@ class PlaneDecoder:
                                f"({other.codec.name} vs {self.codec.name}, shapes {dict(other.shapes)} vs "
                                f"{dict(self.shapes)}); the shard set mixes conversions, re-run convert")
 
+    def check_sizes(self, sizes: Sequence[int]) -> None:
+        """Raise unless planes of these byte sizes make a level of this layout.
+
+        Raises:
+            ModelFormatError: more planes than the codec has levels, or a plane shorter than its layout.
+        """
+        lay = self.layout
+        if len(sizes) > len(lay.nbytes):
+            raise ModelFormatError(f"expert has {len(sizes)} planes but its codec has {len(lay.nbytes)} levels; "
+                                   "re-run convert")
+        for j, size in enumerate(sizes):
+            if size < lay.nbytes[j]:
+                raise ModelFormatError(f"nested plane {j} holds {size} bytes, its layout needs {lay.nbytes[j]}; "
+                                       "the shard is truncated or corrupt, re-run convert")
+
     def records(self, mems: list[Any]) -> dict[str, EncodedTensor]:
         """Encoded records over planes ``mems`` (uint8 numpy arrays or tensors; views, no copies).
 
@@ -348,15 +388,9 @@ class PlaneDecoder:
         """
         lay = self.layout
         level = len(mems)
-        if level > len(lay.nbytes):
-            raise ModelFormatError(f"expert has {level} planes but its codec has {len(lay.nbytes)} levels; "
-                                   "re-run convert")
+        self.check_sizes([mem.numel() if isinstance(mem, torch.Tensor) else mem.size for mem in mems])
         segs: dict[str, list[dict[str, Any]]] = {p: [{} for _ in range(level)] for p in EXPERT_PROJS}
         for j, mem in enumerate(mems):
-            size = mem.numel() if isinstance(mem, torch.Tensor) else mem.size
-            if size < lay.nbytes[j]:
-                raise ModelFormatError(f"nested plane {j} holds {size} bytes, its layout needs {lay.nbytes[j]}; "
-                                       "the shard is truncated or corrupt, re-run convert")
             for proj, aname, dt, shape, off in lay.arrays[j]:
                 n = int(np.prod(shape)) * dt.itemsize
                 raw = mem[off:off + n]
@@ -373,32 +407,51 @@ class PlaneDecoder:
             planes: each plane's bytes (:meth:`ShardedModel.expert_plane_range`), on any device.
             out: optional ``{proj: fp32 tensor}`` of the projections' shapes on the planes' device,
                 written in place (a reused scratch buffer); new tensors otherwise.
-            compiled: decode matryoshka levels with the ``torch.compile``'d :func:`decode_level`
-                (one fused kernel per projection instead of a dozen: on a GPU the eager decode is
-                bound by kernel launches). Same bits; falls back to the eager decode, with one
-                warning, when the compiler is unavailable or fails.
+            compiled: decode matryoshka levels with the ``torch.compile``'d :func:`decode_expert_level`
+                (one call per expert, a fused kernel per projection instead of a dozen kernels and
+                the Python that sets them up: on a GPU the eager decode is bound by launches and
+                host work). Same bits; falls back to the eager decode, with one warning, when the
+                compiler is unavailable or fails.
 
         Returns:
             ``{proj: fp32 tensor}`` on the planes' device, bit-identical to :func:`decode_planes`.
         """
-        recs = self.records([p.reshape(-1).view(torch.uint8) for p in planes])
-        fused = compiled_level_decoder() if compiled and self.compilable else None
+        flat = [p.reshape(-1).view(torch.uint8) for p in planes]
+        fused = compiled_expert_decoder() if compiled and self.compilable else None
         if fused is not None:
+            self.check_sizes([t.numel() for t in flat])
+            outs = out if out is not None else {
+                p: torch.empty(self.shapes[p], dtype=torch.float32, device=flat[0].device) for p in EXPERT_PROJS}
             try:
-                return {p: self._decode_fused(fused, recs[p], len(planes), None if out is None else out[p])
-                        for p in EXPERT_PROJS}
+                fused(flat, [outs[p] for p in EXPERT_PROJS], self.level_spec(len(planes)))
+                return dict(outs)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: report once, decode eagerly
                 _disable_compiled(exc)
+        recs = self.records(flat)
         return {p: self.codec.torch_decode(recs[p], len(planes), out=None if out is None else out[p])
                 for p in EXPERT_PROJS}
 
-    def _decode_fused(self, fused: Callable[..., torch.Tensor], rec: EncodedTensor, level: int,
-                      out: torch.Tensor | None) -> torch.Tensor:
-        seg0 = rec.segments[0]
-        if out is None:
-            out = torch.empty(rec.shape, dtype=torch.float32, device=seg0["scale"].device)
-        planes = [rec.segments[j][f"plane{j + 1}"] for j in range(level)]
-        return fused(planes, seg0["zero"], seg0["scale"], out, **self.codec.level_spec(level))
+    def level_spec(self, level: int) -> tuple[ProjSpec, ...]:
+        """The static spec of :func:`decode_expert_level` for ``level`` planes (matryoshka codecs)."""
+        spec = self._specs.get(level)
+        if spec is None:
+            spec = self._specs[level] = _level_spec(self.layout, self.codec, level)
+        return spec
+
+
+def _level_spec(lay: PlaneLayout, codec: Codec, level: int) -> tuple[ProjSpec, ...]:
+    kw = codec.level_spec(level)  # type: ignore[attr-defined]
+    spec: list[ProjSpec] = []
+    for proj in EXPERT_PROJS:
+        where = {(j, aname): (off, dt, shape) for j in range(level) for p, aname, dt, shape, off in lay.arrays[j]
+                 if p == proj}
+        prefs = tuple((j, where[(j, f"plane{j + 1}")][0], int(np.prod(where[(j, f"plane{j + 1}")][2])))
+                      for j in range(level))
+        zoff, _, (rows, groups) = where[(0, "zero")]
+        soff, sdt, _ = where[(0, "scale")]
+        spec.append((prefs, (0, zoff, rows, groups), (0, soff, _TORCH_DTYPES[sdt], rows, groups),
+                     tuple(kw["plane_bits"]), int(kw["stored_bits"]), int(kw["r"]), str(kw["slicing"])))
+    return tuple(spec)
 
 
 def decode_planes(blobs: list[Any]) -> dict[str, torch.Tensor]:

@@ -62,8 +62,17 @@ from moestream.scheduler.policies import POLICIES, make_policy
 from moestream.scheduler.transfer import DeviceStaging
 
 NESTED_CODECS = tuple(CODEC_IDS)  # expert codecs stored as nested planes (decodable on any torch device)
-#: Set to 0 to decode nested experts in a CUDA arena eagerly instead of with the torch.compile'd decode.
+#: How a device arena decodes nested experts: ``auto`` (default: the torch.compile'd decode on CUDA,
+#: eager elsewhere), ``1`` (compiled on any device, e.g. to test it on the CPU's staged path), ``0`` (eager).
 COMPILE_DECODE_ENV = "MOESTREAM_COMPILE_DECODE"
+
+
+def compiled_decode_wanted(device: torch.device) -> bool:
+    """Whether a device arena on ``device`` decodes nested experts with the compiled decode (``COMPILE_DECODE_ENV``)."""
+    mode = os.environ.get(COMPILE_DECODE_ENV, "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"{COMPILE_DECODE_ENV} must be auto, 0 or 1, got {mode!r}")
+    return mode == "1" or (mode == "auto" and device.type == "cuda")
 
 log = logging.getLogger("moestream")
 
@@ -180,7 +189,7 @@ class StreamingExperts:
         staged: force (True) or forbid (False) the staging path; None = staged exactly when
             ``device`` is not the CPU. ``staged=True`` on the CPU runs the GPU path's logic without a GPU.
             Nested codecs keep their plane bytes in the device arena and decode there into fp32 scratch
-            (on CUDA with the torch.compile'd decode unless ``MOESTREAM_COMPILE_DECODE=0``); GGML
+            (on CUDA with the torch.compile'd decode; ``MOESTREAM_COMPILE_DECODE``); GGML
             expert codecs decode on the host (numpy), so their arena stays in host memory and the
             decoded fp32 expert is copied into device scratch.
         level_cap: highest nested level to use (None: each expert's highest stored level); planes above
@@ -234,7 +243,7 @@ class StreamingExperts:
         self._native = native_kernels.nested_views_for(self.layout.codec, self.device) if on_host else None
         self._plane_decoder = (nested_plane_decoder(reader) if not on_host and self.layout.codec in NESTED_CODECS
                                else None)
-        self._compiled_decode = self.device.type == "cuda" and os.environ.get(COMPILE_DECODE_ENV, "1") != "0"
+        self._compiled_decode = compiled_decode_wanted(self.device)
         kwargs = {"window": CONSISTENCY_WINDOW_TOKENS * n_moe_layers * top_k} if cache_policy == "consistency" else {}
         self.cache = StreamingExpertCache(self, self._decode, self.arena, self.loader,
                                           policy=make_policy(cache_policy, **kwargs),

@@ -38,7 +38,8 @@ from moestream.engine.api import Engine  # noqa: E402
 from moestream.engine import native_kernels  # noqa: E402
 from moestream.engine.compressed_models import load_calibration_model, load_eval_model  # noqa: E402
 from moestream.engine.planning import all_experts_arena_bytes, min_streaming_budget  # noqa: E402
-from moestream.engine.streaming import StreamingExperts, load_streaming_model, shard_footprint  # noqa: E402
+from moestream.engine.streaming import (COMPILE_DECODE_ENV, StreamingExperts, load_streaming_model,  # noqa: E402
+                                        shard_footprint)
 from moestream.scheduler.planner import split_arena  # noqa: E402
 
 torch.set_num_threads(1)
@@ -219,11 +220,15 @@ def test_native_views_hold_no_scratch_and_fallback_is_bit_exact(models, monkeypa
         assert torch.equal(run_logits(engine.model, IDS), ref_off)
 
 
+@pytest.mark.parametrize("compiled", ["0", "1"])
 @pytest.mark.parametrize("name", ["matryoshka_floor", "residual", "mixed"])
-def test_staged_arena_decodes_planes_where_they_live_bit_exact(models, name):
+def test_staged_arena_decodes_planes_where_they_live_bit_exact(models, name, compiled, monkeypatch):
     """The GPU path's logic on the CPU: a staged (device-style) arena holds the plane bytes, copied in
     from staging buffers; experts are decoded from those bytes with torch (``PlaneDecoder``) into the
-    planned fp32 scratch on the arena's device — bit-identical to the resident decode at every budget."""
+    planned fp32 scratch on the arena's device — bit-identical to the resident decode at every budget.
+    ``MOESTREAM_COMPILE_DECODE=1``: matryoshka levels through the torch.compile'd expert decode (the
+    CUDA default), same bits; residual stays eager."""
+    monkeypatch.setenv(COMPILE_DECODE_ENV, compiled)
     path = models[name]
     ref = run_logits(load_eval_model(path)[0], IDS)
     with ShardedModel.open(path, verify="off") as r:
@@ -238,6 +243,8 @@ def test_staged_arena_decodes_planes_where_they_live_bit_exact(models, name):
             st = provider.stats()
             assert st["device_decode"] and not st["native_nested_kernel"]
             assert torch.equal(run_logits(loaded.model, IDS), ref), (name, budget)
+            st = provider.stats()
+            assert st["compiled_decode"] is (compiled == "1" and name != "residual"), st
             st = provider.stats()
             assert st["transfer"]["copies"] == st["loader"]["reads"] > 0
             assert st["transfer"]["bytes_copied"] == st["loader"]["bytes_read"]
