@@ -1,11 +1,11 @@
-"""Native helpers for the single-token decode step: fp32 RMSNorm rows and the attention core.
+"""Native helpers for the single-token decode step: fp32 RMSNorm rows and the attention prologue.
 
-Owns :func:`rms_norm` and :func:`attend_one` (one ctypes call each instead of ~8 and ~30 torch ops,
+Owns :func:`rms_norm` and :func:`prep_one` (one ctypes call each instead of ~8 and ~25 torch ops,
 whose dispatch dominates a decode step's glue on one CPU thread), built once per machine from
 ``decode_kernels_src.py`` like ``engine/dense_kernels.py``. Both return None when they cannot run
 (no compiler, ``MOESTREAM_NATIVE_KERNELS=0``, a non-CPU / non-fp32 / non-contiguous operand), and the
 caller keeps its torch path. Results equal the torch path within fp32 rounding (sums in another
-order; the RoPE products are bit-identical): ``tests/test_decode_fast_path.py``.
+order; the RoPE products and the cache writes are bit-identical): ``tests/test_decode_fast_path.py``.
 
 Knows nothing about models: tensors and sizes in, tensors out.
 
@@ -30,10 +30,6 @@ _build_lock = threading.Lock()
 _VARIANTS = (["-march=native"], [])
 _CFLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 _F32 = torch.float32
-#: :func:`attend_one` declines longer contexts: there torch's SDPA (vectorized exp, blocked GEMM) is as fast or
-#: faster and the dispatch it saves is negligible (1 thread, 32/4 heads of 128: native -0.3 ms at 64 positions,
-#: even at ~2000, +0.9 ms at 4000).
-MAX_POSITIONS = 1536
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -41,9 +37,9 @@ def _load(path: Path) -> ctypes.CDLL:
     P, I64, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.dk_abi.argtypes, lib.dk_abi.restype = [], ctypes.c_int
     lib.dk_rms_norm.argtypes, lib.dk_rms_norm.restype = [P, P, P, I64, I64, F], None
-    lib.dk_attend_one.argtypes = [P, I64, P, I64, P, I64, P, P, F, P, P, I64, P, P, I64, I64, I64,
-                                  I64, I64, I64, I64, F, P]
-    lib.dk_attend_one.restype = ctypes.c_int
+    lib.dk_prep_one.argtypes = [P, I64, P, I64, P, I64, P, P, F, P, P, I64, P, P, I64, I64, I64,
+                                I64, I64, I64, I64, P]
+    lib.dk_prep_one.restype = ctypes.c_int
     return lib
 
 
@@ -100,25 +96,22 @@ def _row_stride(t: torch.Tensor, rows: int, d: int) -> int | None:
     return int(t.stride(0))
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w: torch.Tensor | None,
-               k_w: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, num_heads: int, num_kv_heads: int,
-               scale: float) -> torch.Tensor | None:
-    """Attention core of one new token per sequence, or None when the native helper does not apply.
+def prep_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w: torch.Tensor | None,
+             k_w: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+             k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, num_heads: int) -> torch.Tensor | None:
+    """Per-head q/k RMSNorm, RoPE and the cache write of one new token per sequence, or None when not native.
 
     Args:
         q: ``[B, 1, h*D]`` projected queries; k, v: ``[B, 1, g*D]`` (each sequence's row contiguous).
         q_w, k_w: per-head RMSNorm weights ``[D]`` (``qk_norm="head"``) or None.
         eps: their epsilon.
         cos, sin: ``[1, R]`` rotate-half RoPE rows for position ``pos`` (R <= D, even).
-        k_cache, v_cache: contiguous ``[B, g, L, D]`` buffers; position ``pos`` is written.
+        k_cache, v_cache: contiguous ``[B, g, L, D]`` buffers; the roped k and the v are written at ``pos``.
         pos: the new token's position (``< L``).
-        num_heads, num_kv_heads: h and g (g divides h).
-        scale: softmax scale.
+        num_heads: h (a multiple of g).
 
     Returns:
-        ``[B, 1, h*D]`` attention output (before ``o_proj``), or None (also from position
-        :data:`MAX_POSITIONS` on).
+        ``[B, h, D]`` normed and roped queries, or None (nothing written).
     """
     if k_cache.device.type != "cpu" or k_cache.dim() != 4:
         return None
@@ -131,14 +124,14 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w: torch.Ten
     r = cos.shape[-1]
     norms_ok = all(w is None or (w.dtype == _F32 and w.is_contiguous() and w.numel() == d) for w in (q_w, k_w))
     if (qb is None or kb is None or vb is None or not norms_ok or d > 1024 or r > d or r % 2
-            or k_cache.dtype != _F32 or v_cache.dtype != _F32 or k_cache.device.type != "cpu"
+            or k_cache.dtype != _F32 or v_cache.dtype != _F32
             or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or v_cache.shape != k_cache.shape
             or cos.dtype != _F32 or sin.dtype != _F32 or not (cos.is_contiguous() and sin.is_contiguous())
-            or q.shape[0] != b or g != num_kv_heads or h % g or not 0 <= pos < L or pos >= MAX_POSITIONS):
+            or q.shape[0] != b or h % g or not 0 <= pos < L):
         return None
-    out = torch.empty((b, 1, h * d), dtype=_F32)
-    rc = lib.dk_attend_one(q.data_ptr(), qb, k.data_ptr(), kb, v.data_ptr(), vb,
-                           None if q_w is None else q_w.data_ptr(), None if k_w is None else k_w.data_ptr(), eps,
-                           cos.data_ptr(), sin.data_ptr(), r, k_cache.data_ptr(), v_cache.data_ptr(), g * L * d, L,
-                           pos, b, h, g, d, scale, out.data_ptr())
-    return None if rc else out
+    qo = torch.empty((b, h, d), dtype=_F32)
+    rc = lib.dk_prep_one(q.data_ptr(), qb, k.data_ptr(), kb, v.data_ptr(), vb,
+                         None if q_w is None else q_w.data_ptr(), None if k_w is None else k_w.data_ptr(), eps,
+                         cos.data_ptr(), sin.data_ptr(), r, k_cache.data_ptr(), v_cache.data_ptr(), g * L * d, L,
+                         pos, b, h, g, d, qo.data_ptr())
+    return None if rc else qo

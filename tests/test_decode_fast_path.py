@@ -1,7 +1,7 @@
 """The lean single-token decode path (``blocks.FAST_DECODE``) against the general path.
 
-- :meth:`Attention._decode_one`, with the native attention core (``engine/decode_kernels.py``) and
-  with its torch fallback, equals :meth:`Attention._forward_general` within fp32 rounding (the
+- :meth:`Attention._decode_one`, with the native q/k norm + RoPE + cache write
+  (``engine/decode_kernels.py``) and with its torch fallback, equals :meth:`Attention._forward_general` within fp32 rounding (the
   attention sums run in another order) for every attention variant the families use — q/k norm
   none / per head / full, qkv bias, qkv clipping, MHA and GQA ratios, batch 1 and 2 — at several
   cache positions; the v it writes into the cache is bit-identical, and so is k except after the
@@ -94,19 +94,20 @@ def test_attention_decode_one_matches_general(name, batch, native):
             assert torch.equal(attn(x1, cos, sin, pos, entry), got)  # forward dispatches T=1 to _decode_one
 
 
-def test_native_attention_declines_long_context(monkeypatch):
+def test_native_prep_declines_what_it_cannot_do():
     if not decode_kernels.available():
         pytest.skip("native decode helpers not built here")
-    attn = _attention(VARIANTS["gqa4_head_norm"])
-    rope = RotaryEmbedding(attn.head_dim, 10000.0)
-    entry = attn.new_cache_entry(1, 12)
+    rope = RotaryEmbedding(16, 10000.0)
     q, k, v = (torch.randn(1, 1, n * 16) for n in (8, 2, 2))
-    cos, sin = rope(9, 1)
-    args = (q, k, v, None, None, 1e-6, cos, sin, *entry.buffers)
-    assert decode_kernels.attend_one(*args, 9, 8, 2, 0.25) is not None
-    monkeypatch.setattr(decode_kernels, "MAX_POSITIONS", 9)
-    assert decode_kernels.attend_one(*args, 9, 8, 2, 0.25) is None  # the torch path takes over
-    assert decode_kernels.attend_one(*args, 8, 8, 2, 0.25) is not None
+    cos, sin = rope(3, 1)
+    caches = [torch.zeros(1, 2, 6, 16) for _ in range(2)]
+    assert decode_kernels.prep_one(q, k, v, None, None, 1e-6, cos, sin, *caches, 3, 8) is not None
+    assert decode_kernels.prep_one(q, k, v, None, None, 1e-6, cos, sin, *caches, 6, 8) is None  # past the cache
+    half = [torch.zeros(1, 2, 6, 16, dtype=torch.bfloat16) for _ in range(2)]
+    assert decode_kernels.prep_one(q, k, v, None, None, 1e-6, cos, sin, *half, 3, 8) is None
+    assert not any(c.any() for c in half)
+    strided = [torch.zeros(1, 6, 2, 16).transpose(1, 2) for _ in range(2)]
+    assert decode_kernels.prep_one(q, k, v, None, None, 1e-6, cos, sin, *strided, 3, 8) is None
 
 
 @pytest.mark.parametrize("native", [True, False])

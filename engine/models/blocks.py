@@ -31,14 +31,14 @@ from moestream.engine.kv_cache import LayerCache
 
 RoutingHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
-#: The lean single-token decode path: :meth:`Attention._decode_one` (native attention core from
+#: The lean single-token decode path: :meth:`Attention._decode_one` (native q/k norm + RoPE + cache write from
 #: ``engine/decode_kernels.py`` where it applies), the one-token routing of :class:`MoEBlock`, and for fp32
 #: :class:`RMSNorm` the native row norm on small inputs, else ``F.rms_norm``. False selects the general path
 #: everywhere (same math within fp32 rounding; ``bench/decode_overhead.py`` A/B, ``tests/test_decode_fast_path.py``).
 FAST_DECODE = True
 #: Largest input (elements) :class:`RMSNorm` hands the single-threaded native norm (decode-sized rows).
 NATIVE_NORM_MAX = 1 << 16
-#: :meth:`Attention._decode_one` tries the native attention core first (tests switch it off to check the torch path).
+#: :meth:`Attention._decode_one` tries the native norm/RoPE/cache-write first (tests switch it off to check torch's).
 NATIVE_ATTENTION = True
 
 
@@ -225,13 +225,12 @@ class Attention(nn.Module):
                     cache: LayerCache) -> torch.Tensor:
         """One new token per sequence (``x [B, 1, H]``, ``cos/sin [1, D]``): the general math in fewer ops.
 
-        After the projections (and a full-width q/k norm or clipping) one native call
-        (:func:`decode_kernels.attend_one`: per-head norm, RoPE, cache write, attention) where it
-        applies; else torch: no time axis (heads as rows ``[B, h, D]``), q and k rotated together,
-        k/v written straight into the cache, attention for the one query per head as SDPA over each
-        kv head's ``h/g`` query rows without a mask (no GQA expansion). Equal to
-        :meth:`_forward_general` within fp32 rounding (the attention sums run in another order);
-        ``tests/test_decode_fast_path.py``.
+        After the projections (and a full-width q/k norm or clipping): per-head q/k norm, RoPE and
+        the k/v cache write in one native call where it applies (:func:`decode_kernels.prep_one`), else
+        in torch with heads as rows ``[B, h, D]`` (q and k roped together, ``LayerCache.append_one``);
+        then attention for the one query per head as SDPA over each kv head's ``h/g`` query rows
+        without a mask (no GQA expansion). Equal to :meth:`_forward_general` within fp32 rounding (the
+        attention sums run in another order); ``tests/test_decode_fast_path.py``.
         """
         b = x.shape[0]
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -241,17 +240,19 @@ class Attention(nn.Module):
         if self.clip_qkv is not None:
             q, k, v = (z.clamp(-self.clip_qkv, self.clip_qkv) for z in (q, k, v))
         head = self.qk_norm == "head"
-        out = decode_kernels.attend_one(q, k, v, self.q_norm.weight if head else None,
-                                        self.k_norm.weight if head else None, self.q_norm.eps if head else 0.0,
-                                        cos, sin, *cache.buffers, start, h, g, self.scale) if NATIVE_ATTENTION else None
-        if out is not None:
-            return self.o_proj(out)  # [B, 1, H]
-        q, k = q.view(b, h, d), k.view(b, g, d)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        qk = apply_rope(torch.cat((q, k), dim=1), cos, sin)  # [B, h+g, D]
-        k_all, v_all = cache.append_one(start, qk[:, h:], v.view(b, g, d))  # [B, g, S, D] each
-        out = F.scaled_dot_product_attention(qk[:, :h].view(b, g, h // g, d), k_all, v_all, scale=self.scale)
+        qr = decode_kernels.prep_one(q, k, v, self.q_norm.weight if head else None,
+                                     self.k_norm.weight if head else None, self.q_norm.eps if head else 0.0,
+                                     cos, sin, *cache.buffers, start, h) if NATIVE_ATTENTION else None
+        if qr is not None:  # [B, h, D]; position ``start`` of the cache written
+            k_all, v_all = (buf.narrow(2, 0, start + 1) for buf in cache.buffers)  # [B, g, S, D] each
+        else:
+            q, k = q.view(b, h, d), k.view(b, g, d)
+            if head:
+                q, k = self.q_norm(q), self.k_norm(k)
+            qk = apply_rope(torch.cat((q, k), dim=1), cos, sin)  # [B, h+g, D]
+            k_all, v_all = cache.append_one(start, qk[:, h:], v.view(b, g, d))  # [B, g, S, D] each
+            qr = qk[:, :h]
+        out = F.scaled_dot_product_attention(qr.view(b, g, h // g, d), k_all, v_all, scale=self.scale)
         return self.o_proj(out.reshape(b, 1, h * d))  # out [B, g, h/g, D]: kv head j's queries are heads j*h/g..
 
 
