@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from moestream.convert.errors import BudgetError, ModelFormatError, MoestreamError
+from moestream.engine.quantized_dense import packed_nbytes
 from moestream.scheduler.budget import align_up, format_bytes
 
 log = logging.getLogger("moestream")
@@ -84,17 +85,49 @@ def measure_disk_bandwidth(reader: Any, max_bytes: int = DOCTOR_READ_BYTES,
 
 
 class _RandomExperts:
-    """Provider answering any id with one of ``top_k`` random fp32 experts (for timing only)."""
+    """Provider answering any id with one of a few random experts (for timing only)."""
 
-    def __init__(self, hidden: int, inter: int, top_k: int) -> None:
+    def __init__(self, views: list[Any], kind: str) -> None:
+        self.views = views
+        self.kind = kind  # what the views compute with ("fp32", "native matryoshka_floor level 2", ...)
+
+    @classmethod
+    def fp32(cls, hidden: int, inter: int, top_k: int) -> "_RandomExperts":
+        """``top_k`` random fp32 experts."""
         from moestream.engine.experts import ExpertView
 
         gen = torch.Generator().manual_seed(0)
-        self.views = []
+        views = []
         for _ in range(top_k):
             gate_up = torch.randn(2 * inter, hidden, generator=gen) * 0.05
-            self.views.append(ExpertView(gate=gate_up[:inter], up=gate_up[inter:], gate_up=gate_up,
-                                         down=torch.randn(hidden, inter, generator=gen) * 0.05))
+            views.append(ExpertView(gate=gate_up[:inter], up=gate_up[inter:], gate_up=gate_up,
+                                    down=torch.randn(hidden, inter, generator=gen) * 0.05))
+        return cls(views, "fp32")
+
+    @classmethod
+    def like_stored(cls, reader: Any, top_k: int) -> "_RandomExperts | None":
+        """``top_k`` random experts in the model's stored nested codec at its highest stored level, as the
+        native kernels compute them from plane bytes; None when the native kernels do not serve it."""
+        from moestream.convert.nested_planes import planes_from_encoded, unpack_header
+        from moestream.engine import native_kernels
+        from moestream.engine.streaming import expert_layout, nested_plane_decoder
+
+        codec_name = expert_layout(reader).codec
+        if not native_kernels.serves(codec_name, "cpu"):
+            return None
+        dec = nested_plane_decoder(reader)
+        level = max(reader.n_levels(layer, expert) for layer, expert in reader.expert_keys()) - 1
+        group_size = unpack_header(dec.header)[3]
+        scale_dtype = np.float16 if getattr(dec.codec, "scale_dtype", "f16") == "f16" else np.float32
+        rng = np.random.default_rng(0)
+        makers = native_kernels.NestedViews()
+        views = []
+        for _ in range(top_k):
+            enc = {p: native_kernels.random_encoded(dec.codec, *dec.shapes[p], dec.layout.group_sizes[p], rng,
+                                                    scale_dtype) for p in dec.shapes}
+            blobs = [b.view(np.uint8) for b in planes_from_encoded(dec.codec, group_size, dec.shapes, enc)]
+            views.append(makers.view(blobs[:level + 1], level))
+        return cls(views, f"native {codec_name} level {level}")
 
     def hint(self, *a: Any) -> None:
         pass
@@ -109,8 +142,35 @@ class _RandomExperts:
         return {}
 
 
+def _quantize_like_stored(model: torch.nn.Module, reader: Any, prefix: str = "") -> dict[str, str]:
+    """Replace the modules the loader keeps as Q8_0/Q4_0 blocks (under ``prefix``) by quantized copies of
+    their current (random) weights, so timing runs the same kernels; returns ``{module: kind}``."""
+    from moestream.engine import dense_kernels
+    from moestream.engine.quantized_dense import QuantizedEmbedding, QuantizedLinear, quantized_targets
+
+    targets = {n: k for n, k in quantized_targets(model, reader, "cpu").items() if n.startswith(prefix)}
+    for name, kind in targets.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if old.weight.is_meta:
+            continue  # not materialised (a layer that is not timed)
+        packed = dense_kernels.quantize(old.weight.detach(), kind)
+        new = QuantizedEmbedding(packed) if isinstance(old, torch.nn.Embedding) else \
+            QuantizedLinear(packed, getattr(old, "bias", None))
+        setattr(parent, child, new)
+    return targets
+
+
+def quantized_head_kind(model: torch.nn.Module, reader: Any) -> str | None:
+    """``q8_0``/``q4_0`` when the loader keeps the LM head packed, else None."""
+    from moestream.engine.quantized_dense import quantized_targets
+
+    return quantized_targets(model, reader, "cpu").get("lm_head")
+
+
 def measure_decode_compute(model_type: str, config: dict, steps: int = 16,
-                           full_model_limit: int = 512 * 2**20) -> dict:
+                           full_model_limit: int = 512 * 2**20, reader: Any = None) -> dict:
     """Seconds of compute one decode token takes with every expert resident — measured, not modelled.
 
     Builds the real family with random weights and k random resident experts
@@ -119,8 +179,13 @@ def measure_decode_compute(model_type: str, config: dict, steps: int = 16,
     ``full_model_limit`` only ONE decoder layer is built and timed, scaled by
     the layer count, and the LM head is added at the measured memory bandwidth.
 
+    With ``reader`` (an opened shard model) the timed weights are held the way
+    the engine holds that model's: dense matrices stored as Q8_0/Q4_0 run on the
+    block kernels, nested experts on the native kernels at their highest stored
+    level (random codes of the stored codec); fp32 otherwise.
+
     Returns:
-        ``{"method", "compute_s_per_token", ...}``.
+        ``{"method", "compute_s_per_token", "experts", "quantized_dense", ...}``.
     """
     from moestream.engine.hf_loading import build_model
 
@@ -128,7 +193,8 @@ def measure_decode_compute(model_type: str, config: dict, steps: int = 16,
         meta, args = build_model(model_type, config, torch.float32)
     dense = meta.costs(bytes_per_param=FP32_BYTES).dense_bytes
     gen = torch.Generator().manual_seed(0)
-    provider = _RandomExperts(args.hidden_size, args.expert_intermediate_size, args.top_k)
+    provider = (_RandomExperts.like_stored(reader, args.top_k) if reader is not None else None) or \
+        _RandomExperts.fp32(args.hidden_size, args.expert_intermediate_size, args.top_k)
 
     def randomise(module: torch.nn.Module) -> None:
         with torch.no_grad():
@@ -139,6 +205,7 @@ def measure_decode_compute(model_type: str, config: dict, steps: int = 16,
     if dense <= full_model_limit:
         model, _ = build_model(model_type, config, torch.float32)
         randomise(model)
+        quantized = _quantize_like_stored(model, reader) if reader is not None else {}
         model.set_expert_provider(provider)
         cache = model.make_cache(1, 64 + steps + 2)
         tok = torch.zeros(1, 1, dtype=torch.long)
@@ -151,11 +218,15 @@ def measure_decode_compute(model_type: str, config: dict, steps: int = 16,
                 tok = logits.argmax().view(1, 1)
                 times.append(time.perf_counter() - t0)
         return {"method": "full model, random weights, decode steps", "dense_bytes": dense,
+                "experts": provider.kind, "quantized_dense": len(quantized),
                 "compute_s_per_token": float(np.median(times[2:]))}
     moe = meta.moe_layers()
-    layer = meta.model.layers[moe[0] if moe else 0]
+    layer_idx = moe[0] if moe else 0
+    layer = meta.model.layers[layer_idx]
     layer.to_empty(device="cpu")
     randomise(layer)
+    quantized = _quantize_like_stored(meta, reader, f"model.layers.{layer_idx}.") if reader is not None else {}
+    layer = meta.model.layers[layer_idx]
     meta.set_expert_provider(provider)
     with torch.device("cpu"):
         rope = meta.build_rope()  # the family's own RoPE tables, on CPU
@@ -169,9 +240,12 @@ def measure_decode_compute(model_type: str, config: dict, steps: int = 16,
             layer(x, cos, sin, 32 + t, entry)
             times.append(time.perf_counter() - t0)
     layer_s = float(np.median(times[2:]))
-    head = 2 * args.vocab_size * args.hidden_size * FP32_BYTES / measure_memory_bandwidth()
+    head_kind = quantized_head_kind(meta, reader) if reader is not None else None
+    head_bytes = (packed_nbytes(head_kind, (int(args.vocab_size), int(args.hidden_size))) if head_kind
+                  else args.vocab_size * args.hidden_size * FP32_BYTES)
+    head = 2 * head_bytes / measure_memory_bandwidth()
     return {"method": "one decoder layer timed x layers + LM head at memory bandwidth", "dense_bytes": dense,
-            "layer_s": layer_s, "lm_head_s": head,
+            "experts": provider.kind, "quantized_dense": len(quantized), "layer_s": layer_s, "lm_head_s": head,
             "compute_s_per_token": layer_s * int(args.num_hidden_layers) + head}
 
 
@@ -294,7 +368,7 @@ def doctor(model: str, memory: str | int | None = None, ctx: int | None = None, 
         if not measure:
             return out
         disk = measure_disk_bandwidth(reader)
-    compute = measure_decode_compute(reader_type, reader_config)
+        compute = measure_decode_compute(reader_type, reader_config, reader=reader)
     miss_bytes = fp.expert_bytes_per_token * (1.0 - hit["hit_rate"])
     t_io = miss_bytes / disk["bandwidth_bytes_per_s"] if disk["bandwidth_bytes_per_s"] > 0 else float("inf")
     t_compute = compute["compute_s_per_token"]

@@ -269,3 +269,24 @@ def test_staged_arena_refuses_an_expert_with_a_foreign_header(models):
             dec.check_header(foreign, "expert 3 of layer 1")
     finally:
         provider.close()
+
+
+def test_doctor_times_the_kernels_the_model_is_stored_for(models, tmp_path):
+    """``moestream doctor``'s compute measurement runs the stored formats' kernels: nested experts on the
+    native kernels at their top level, Q8_0 dense matrices on the block kernels (whole model, and the
+    one-layer path used for large models)."""
+    from moestream.engine.commands_streaming import measure_decode_compute
+
+    if not native_kernels.available():
+        pytest.skip("native kernels unavailable (no C compiler, or MOESTREAM_NATIVE_KERNELS=0)")
+    shards, _ = compress_checkpoint(models["hf"], tmp_path / "q8", CompressOptions(
+        codec="matryoshka_floor", group_size=64, dense="q8_0", favour=False), progress=False)
+    with ShardedModel.open(shards[0].parent, verify="off") as reader:
+        top = max(reader.n_levels(l, e) for l, e in reader.expert_keys()) - 1
+        for limit in (512 * 2**20, 0):  # the whole model, then one layer x layers + LM head
+            got = measure_decode_compute(reader.model_type, reader.config, steps=4, full_model_limit=limit,
+                                         reader=reader)
+            assert got["experts"] == f"native matryoshka_floor level {top}", got
+            assert got["quantized_dense"] > 0 and got["compute_s_per_token"] > 0, got
+        plain = measure_decode_compute(reader.model_type, reader.config, steps=4)
+        assert plain["experts"] == "fp32" and plain["quantized_dense"] == 0
