@@ -1,9 +1,11 @@
 """C source of the native nested-expert kernels (built and loaded by ``engine/native_kernels.py``).
 
 Kept apart so the Python module stays small; the descriptor layout (``D_*`` fields, ``MAXP``,
-``P_STRIDE``) must match ``native_kernels``, which checks ``nq_abi()`` after loading.
+``P_STRIDE``) must match ``native_kernels``, which checks ``nq_abi()`` after loading. The
+int8-activation path is spliced in from ``native_int8_src.py``.
 """
 from moestream.engine.dense_kernels_src import QUANTIZE_BLOCK32_C
+from moestream.engine.native_int8_src import INT8_PATH_C
 
 C_SOURCE = r"""/* Nested-level expert GEMM straight from packed bit planes (moestream engine/native_kernels.py).
  *
@@ -483,220 +485,7 @@ static void rows_with(const row_fn *f, const proj_t *p, const float *X, int64_t 
 #if NQ_AVX2
 /*@QUANTIZE_BLOCK32@*/
 
-/* ------------------------------------------------------------------ int8-activation path (AVX2)
- * Activations are quantized per 128-chunk c of K with one scale d = max|x| / 127 (like llama.cpp's
- * Q8_K, which uses 256), round half to even, stored as four blocks s = 0..3, block s holding
- * x[128c + 4j + s] (j = 0..31): the order in which one load of a 2- or 4-bit plane yields its codes,
- * so weights never need a shuffle per token; SQ[c] = d·Σ q. The chunk's four integer dot products
- * are summed in int32 (|Σ| < 2^21), converted once. Floor levels: Σ_k ŵ_k x̂_k = α·(2^shift·Σ_k q'_k x̂_k + (2^shift·qoff + centre − z)·SQ)
- * with q' = q − qoff (qoff = 128 when the code has 8 bits, so q' fits int8 and llama.cpp's sign trick
- * keeps maddubs exact; 0 otherwise). Needs floor kind, planes of 2 or 4 bits, group size % 128 == 0. */
-#define CHUNKS_MAX 1024 /* K <= 131072 on the int8 path (per-token chunk coefficients live on the stack) */
-static int i8_ok(const proj_t *p) {
-    if (p->kind != KIND_FLOOR || p->gs % 128 || p->K / 128 > CHUNKS_MAX) return 0;
-    int tot = 0;
-    for (int j = 0; j < p->np; j++) {
-        if (p->bits[j] != 2 && p->bits[j] != 4) return 0;
-        tot += p->bits[j];
-    }
-    return tot <= 8 && p->shift == 8 - tot;
-}
-
-/* one scale per 128-chunk (d = max|x| / 127 over the chunk, Q8_K-style), codes round-half-even(x / d)
- * written as four strided blocks (block s = x[128c + 4j + s], j = 0..31); sq[c] = d·Σ q */
-static void quantize_perm128(const float *x, int64_t K, int8_t *q, float *d, float *sq) {
-    const __m256 signbit = _mm256_set1_ps(-0.0f);
-    for (int64_t c = 0; c < K / 128; c++) {
-        const float *xc = x + 128 * c;
-        __m256 mx = _mm256_setzero_ps();
-        for (int i = 0; i < 16; i++) mx = _mm256_max_ps(mx, _mm256_andnot_ps(signbit, _mm256_loadu_ps(xc + 8 * i)));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-        const float db = _mm_cvtss_f32(m4) / 127.0f;
-        const float id = db > 0.0f ? 1.0f / db : 0.0f;
-        int isum = 0;
-        for (int s = 0; s < 4; s++) {
-            int8_t *qb = q + 128 * c + 32 * s;
-            for (int j = 0; j < 32; j++) {
-                float r = nearbyintf(xc[4 * j + s] * id); /* round half to even (default FP mode) */
-                r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
-                qb[j] = (int8_t)r;
-                isum += qb[j];
-            }
-        }
-        d[c] = db;
-        sq[c] = db * (float)isum;
-    }
-}
-
-/* codes of one 128-chunk of plane j, step s: (code(4i+s) of the plane) << pos, i = 0..31 as bytes */
-static inline __attribute__((always_inline)) void plane_chunk(const uint8_t *src, const int bits, const int pos,
-                                                              __m256i q[4]) {
-    if (bits == 2) {
-        const __m256i raw = _mm256_loadu_si256((const __m256i *)src);
-        for (int s = 0; s < 4; s++) {
-            const int k = pos - 2 * s;
-            const __m256i v = k >= 0 ? _mm256_slli_epi16(raw, k) : _mm256_srli_epi16(raw, -k);
-            q[s] = _mm256_or_si256(q[s], _mm256_and_si256(v, _mm256_set1_epi8((char)(3 << pos))));
-        }
-    } else { /* 4 bits: byte t holds codes 2t (low nibble), 2t+1; split even / odd bytes */
-        const __m256i sh = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-        const __m256i a = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)src), sh), 0xd8);
-        const __m256i b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(src + 32)), sh), 0xd8);
-        const __m256i ev = _mm256_permute2x128_si256(a, b, 0x20), od = _mm256_permute2x128_si256(a, b, 0x31);
-        const __m256i lo = _mm256_set1_epi8(15);
-        const __m256i w[4] = {_mm256_and_si256(ev, lo), _mm256_and_si256(_mm256_srli_epi16(ev, 4), lo),
-                              _mm256_and_si256(od, lo), _mm256_and_si256(_mm256_srli_epi16(od, 4), lo)};
-        for (int s = 0; s < 4; s++) q[s] = _mm256_or_si256(q[s], pos ? _mm256_slli_epi16(w[s], pos) : w[s]);
-    }
-}
-
-/* row n, tokens m0..m0+MB-1 */
-static inline __attribute__((always_inline)) void tile_i8(const proj_t *p, int64_t n, const int8_t *XQ, const float *DX,
-                                                          const float *SQ, int64_t m0, const int MB, float *Y,
-                                                          int64_t ldy, const int NP_, const int B0, const int B1,
-                                                          const int B2) {
-    const int np = NP_ > 0 ? NP_ : (int)p->np;
-    const int64_t K = p->K, G = p->G, nc = K / 128, cpg = p->gs / 128;
-    const uint8_t *rows[MAXP];
-    int bits[MAXP], pos[MAXP], tot = 0;
-    for (int j = 0; j < np; j++) {
-        bits[j] = (j == 0 && B0 > 0) ? B0 : (j == 1 && B1 > 0) ? B1 : (j == 2 && B2 > 0) ? B2 : p->bits[j];
-        rows[j] = p->codes[j] + n * K / 8 * bits[j];
-        tot += bits[j];
-    }
-    for (int j = np - 1, below = 0; j >= 0; j--) { pos[j] = below; below += bits[j]; }
-    const int wide = tot == 8;
-    const float mult = (float)(1 << (8 - tot)), inv_mult = 1.0f / mult, qoff = wide ? 128.0f : 0.0f;
-    /* per chunk and token: coef = d_x·α·2^shift (scales the chunk's integer dot); zero-point terms
-     * Σ_c α·(2^shift·qoff + centre − z)·SQ_c summed up front (vectorized for f16 scales, one group per chunk) */
-    float coef[4][CHUNKS_MAX];
-    float zs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    int64_t c0 = 0;
-    if (cpg == 1 && !p->sf32) {
-        const uint8_t *sc = p->scale + 2 * n * G, *zr = p->zero + n * G;
-        __m256 zv[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (; c0 + 8 <= nc; c0 += 8) {
-            const __m256 a = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 2 * c0))),
-                                           _mm256_set1_ps(mult));
-            const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + c0))));
-            const __m256 off = _mm256_mul_ps(a, _mm256_add_ps(_mm256_set1_ps(qoff),
-                _mm256_mul_ps(_mm256_sub_ps(_mm256_set1_ps((float)p->centre), zf), _mm256_set1_ps(inv_mult))));
-            for (int t = 0; t < MB; t++) {
-                const int64_t m = m0 + t;
-                _mm256_storeu_ps(coef[t] + c0, _mm256_mul_ps(_mm256_loadu_ps(DX + m * nc + c0), a));
-                zv[t] = _mm256_fmadd_ps(off, _mm256_loadu_ps(SQ + m * nc + c0), zv[t]);
-            }
-        }
-        for (int t = 0; t < MB; t++) zs[t] = hsum(zv[t]);
-    }
-    for (int64_t c = c0; c < nc; c++) {
-        const int64_t ng = n * G + c / cpg;
-        const float a = scale_at(p->scale, ng, p->sf32) * mult;
-        const float off = a * (qoff + (float)((int)p->centre - (int)p->zero[ng]) * inv_mult);
-        for (int t = 0; t < MB; t++) {
-            coef[t][c] = DX[(m0 + t) * nc + c] * a;
-            zs[t] += off * SQ[(m0 + t) * nc + c];
-        }
-    }
-    __m256 acc[4];
-    for (int t = 0; t < MB; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < nc; c++) {
-        __m256i q[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-        for (int j = 0; j < np; j++) plane_chunk(rows[j] + c * 16 * bits[j], bits[j], pos[j], q);
-        __m256i ax[4];
-        for (int s = 0; s < 4; s++) {
-            if (wide) q[s] = _mm256_xor_si256(q[s], _mm256_set1_epi8((char)0x80));
-            ax[s] = wide ? _mm256_sign_epi8(q[s], q[s]) : q[s];
-        }
-        for (int t = 0; t < MB; t++) {
-            const int8_t *xq = XQ + (m0 + t) * K + 128 * c;
-            __m256i isum = _mm256_setzero_si256();
-            for (int s = 0; s < 4; s++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * s));
-                if (wide) xv = _mm256_sign_epi8(xv, q[s]);
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(ax[s], xv), _mm256_set1_epi16(1)));
-            }
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_broadcast_ss(coef[t] + c), acc[t]);
-        }
-    }
-    for (int t = 0; t < MB; t++) Y[(m0 + t) * ldy + n] = hsum(acc[t]) + zs[t];
-}
-
-static inline __attribute__((always_inline)) void row_i8(const proj_t *p, int64_t n, const int8_t *XQ, const float *DX,
-                                                         const float *SQ, int64_t M, float *Y, int64_t ldy,
-                                                         const int NP_, const int B0, const int B1, const int B2) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) tile_i8(p, n, XQ, DX, SQ, m, 4, Y, ldy, NP_, B0, B1, B2);
-    for (; m < M; m++) tile_i8(p, n, XQ, DX, SQ, m, 1, Y, ldy, NP_, B0, B1, B2);
-}
-
-typedef void (*row_i8_fn)(const proj_t *, int64_t, const int8_t *, const float *, const float *, int64_t, float *, int64_t);
-#define NQ_I8(NAME, NP_, B0, B1, B2)                                                                            \
-    static void NAME(const proj_t *p, int64_t n, const int8_t *XQ, const float *DX, const float *SQ, int64_t M, \
-                     float *Y, int64_t ldy) { row_i8(p, n, XQ, DX, SQ, M, Y, ldy, NP_, B0, B1, B2); }
-NQ_I8(i8_2, 1, 2, 0, 0)
-NQ_I8(i8_22, 2, 2, 2, 0)
-NQ_I8(i8_224, 3, 2, 2, 4)
-NQ_I8(i8_4, 1, 4, 0, 0)
-NQ_I8(i8_44, 2, 4, 4, 0)
-NQ_I8(i8_generic, -1, -1, -1, -1)
-
-static row_i8_fn pick_i8(const proj_t *p) {
-    const int np = (int)p->np, b0 = p->bits[0], b1 = np > 1 ? p->bits[1] : 0, b2 = np > 2 ? p->bits[2] : 0;
-    if (np == 1 && b0 == 2) return i8_2;
-    if (np == 2 && b0 == 2 && b1 == 2) return i8_22;
-    if (np == 3 && b0 == 2 && b1 == 2 && b2 == 4) return i8_224;
-    if (np == 1 && b0 == 4) return i8_4;
-    if (np == 2 && b0 == 4 && b1 == 4) return i8_44;
-    return i8_generic;
-}
-
-typedef struct { int8_t *q; float *d, *sq; void *mem; } actq_t;
-
-static void *scratch(int which, size_t bytes);
-
-static size_t actq_bytes(int64_t M, int64_t K) {
-    return (size_t)((M * K + 63) / 64 * 64) + (size_t)(2 * M * (K / 128)) * sizeof(float);
-}
-
-/* X [M, K] quantized into mem (actq_bytes(M, K) bytes): codes, then per-chunk scales, then sums */
-static void actq_fill(const float *X, int64_t M, int64_t K, void *mem, actq_t *a) {
-    const int64_t nc = K / 128;
-    a->mem = mem;
-    a->q = (int8_t *)mem;
-    a->d = (float *)(a->q + (M * K + 63) / 64 * 64);
-    a->sq = a->d + M * nc;
-    for (int64_t m = 0; m < M; m++) quantize_perm128(X + m * K, K, a->q + m * K, a->d + m * nc, a->sq + m * nc);
-}
-
-/* activations quantized into per-thread scratch slot 1 (valid until the next actq_make on this thread) */
-static int actq_make(const float *X, int64_t M, int64_t K, actq_t *a) {
-    void *mem = scratch(1, actq_bytes(M, K));
-    if (mem == NULL) return 6;
-    actq_fill(X, M, K, mem, a);
-    return 0;
-}
-
-static void run_i8(const proj_t *p, const actq_t *a, int64_t M, float *Y, int nthreads) {
-    const row_i8_fn f = pick_i8(p);
-#ifdef _OPENMP
-    if (nthreads > 1 && p->N * p->K * M >= PAR_MIN_WORK && p->N >= 16 * nthreads) {
-#pragma omp parallel num_threads(nthreads)
-        {
-            const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-            const int64_t chunk = (p->N + nt - 1) / nt;
-            const int64_t n0 = t * chunk, n1 = n0 + chunk < p->N ? n0 + chunk : p->N;
-            for (int64_t n = n0; n < n1; n++) f(p, n, a->q, a->d, a->sq, M, Y, p->N);
-        }
-        return;
-    }
-#endif
-    (void)nthreads;
-    for (int64_t n = 0; n < p->N; n++) f(p, n, a->q, a->d, a->sq, M, Y, p->N);
-}
+/*@INT8_PATH@*/
 #endif
 
 /* 1: int8 activations where i8_ok (set by nq_set_act; the Python side picks by measurement) */
@@ -915,4 +704,4 @@ int nq_moe(const int64_t *descs, const int64_t *bases, const float *w, int64_t E
 }
 """
 
-C_SOURCE = C_SOURCE.replace("/*@QUANTIZE_BLOCK32@*/", QUANTIZE_BLOCK32_C)
+C_SOURCE = C_SOURCE.replace("/*@QUANTIZE_BLOCK32@*/", QUANTIZE_BLOCK32_C).replace("/*@INT8_PATH@*/", INT8_PATH_C)

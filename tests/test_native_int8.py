@@ -60,6 +60,53 @@ def test_linear_equals_decode_on_quantized_activations(level_bits):
             assert_matches_quantized_reference(got, x, enc.torch_decode(level), int8)
 
 
+@pytest.mark.parametrize("level_bits", [(2, 4, 8), (4, 8), (2, 6, 8), (2, 4, 6, 8)])
+def test_tile_edges(level_bits):
+    """Row counts off the 4-row tiles, token counts off the 8/4/2-token tiles, K an odd number of 128-chunks
+    (and more than 8 of them: the per-row coefficients are read 8 chunks at a time), f16/f32 scales,
+    groups of 128 and 256: every tile shape and edge of the kernel against the quantized reference.
+    Level layouts: one 2-bit term, two 2-bit planes, 2+2+4 (two terms), two 4-bit planes, 2+4+2 (three)."""
+    codec = get_codec("matryoshka_floor", level_bits=level_bits)
+    rng = np.random.default_rng(11 + sum(level_bits))
+    cases = [(1, 128, 128), (2, 384, 128), (3, 768, 128), (5, 768, 128), (7, 1152, 128), (13, 1280, 128),
+             (6, 768, 256), (9, 1536, 256)]
+    for (n, k, gs), sdt in itertools.product(cases, (np.float16, np.float32)):
+        enc = nk.random_encoded(codec, n, k, gs, rng, sdt)
+        for m in (1, 2, 3, 4, 5, 7, 8, 9, 12, 17):
+            x = torch.randn(m, k) * 3
+            for level in range(1, enc.n_levels + 1):
+                if nk.int8_applies(codec, level, gs):
+                    got = nk.linear(nk.encoded_operand(enc, level), x)
+                    assert_matches_quantized_reference(got, x, enc.torch_decode(level))
+
+
+def test_threads_split_rows_off_the_tiles():
+    """Two threads take row ranges (multiples of 4 rows) of a projection whose N is not a multiple of 4."""
+    codec = get_codec("matryoshka_floor")
+    enc = nk.random_encoded(codec, 70, 1024, 128, np.random.default_rng(12))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for m in (1, 2, 16):
+            x = torch.randn(m, 1024)
+            for level in range(1, enc.n_levels + 1):
+                got = nk.linear(nk.encoded_operand(enc, level), x)
+                assert_matches_quantized_reference(got, x, enc.torch_decode(level))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_build_without_avx2_passes_its_self_check():
+    """A portable build (no int8 path: it computes fp32 whatever the mode) is accepted, not rejected."""
+    from moestream.convert.native_build import build_first_working, find_compiler
+
+    lib, errors = build_first_working("nested_kernel", nk._C_SOURCE, nk._CFLAGS, [[]], find_compiler(), nk._load,
+                                      lambda lib: None)
+    assert lib is not None, errors
+    assert lib.nq_abi() % 10 == 0  # no AVX2
+    assert nk._self_check(lib) and nk._self_check_int8(lib)
+
+
 def test_error_against_exact_activations_is_int8_rounding():
     """Real encoder output: the int8 path is within ~1 % of the exact product (and not bit-equal to it)."""
     rng = np.random.default_rng(1)
