@@ -17,10 +17,11 @@ INT8_PATH_C = r"""/* -----------------------------------------------------------
  * planes (order A) and single 4-bit planes (order B), so every maddubs operand is 0..15 and the
  * chunk's four blocks sum in int16 (|Σ| ≤ 4·2·15·127 < 2^15); one madd by the term's 2^(pos + shift)
  * widens it. Floor levels, per chunk:
- *   Σ_k ŵ_k x̂_k = α·d·T,  T = Σ_k (q_k·2^shift + centre − z)·x_k = Σ_terms 2^(pos + shift)·Σ p·x + (centre − z)·Σ_k x_k,
- * an exact integer (|T| ≤ 2·128·255·127 < 2^24, so exact in fp32 too); α·d is one fp32 product per
- * (row, chunk, token) computed for 8 chunks of a row at once. A tile is R rows × MB tokens with R·MB
- * fp32 accumulators in registers; the R rows' sums are reduced together (hadd).
+ *   Σ_k ŵ_k x̂_k = α·d·(T + (centre − z)·Σ_k x_k),  T = Σ_k q_k·2^shift·x_k = Σ_terms 2^(pos + shift)·Σ p·x,
+ * T an exact integer (< 2^22); α·d (one fp32 product per row, chunk and token) and the zero-point part
+ * (integer (centre − z)·Σx, exact) are computed for 8 chunks of a row at once, so a chunk costs its
+ * integer dots, one convert and one FMA. A tile is R rows × MB tokens with R·MB fp32 accumulators;
+ * the R rows' sums are reduced together (hadd).
  * Needs floor kind, planes of 2 or 4 bits (≤ 8 in all), group size % 128 == 0. */
 static int i8_ok(const proj_t *p) {
     if (p->kind != KIND_FLOOR || p->gs % 128) return 0;
@@ -241,28 +242,30 @@ static inline __attribute__((always_inline)) void tile_i8(const proj_t *p, const
         for (int t = 0; t < MB; t++) acc[r][t] = _mm256_setzero_ps();
         for (int64_t cb = 0; cb < nc; cb += 8) {
             float coef[8][8];
-            int32_t zt[8][8];
             __m256 al;
             __m256i off;
             row_scales(p, n + r, cb, &al, &off);
 #pragma GCC unroll 8
-            for (int t = 0; t < MB; t++) {
+            for (int t = 0; t < MB; t++) { /* coefficients α·d, and the zero-point part α·d·(centre − z)·Σx at once */
                 const int64_t at = (m0 + t) * ncp + cb;
-                _mm256_storeu_ps(coef[t], _mm256_mul_ps(al, _mm256_loadu_ps(a->d + at)));
-                _mm256_storeu_si256((__m256i *)zt[t], _mm256_mullo_epi32(off, _mm256_loadu_si256((const __m256i *)(a->sq + at))));
+                const __m256 cf = _mm256_mul_ps(al, _mm256_loadu_ps(a->d + at)); /* 0 past the last chunk */
+                _mm256_storeu_ps(coef[t], cf);
+                const __m256i zt = _mm256_mullo_epi32(off, _mm256_loadu_si256((const __m256i *)(a->sq + at)));
+                acc[r][t] = _mm256_fmadd_ps(cf, _mm256_cvtepi32_ps(zt), acc[r][t]);
             }
             const int64_t ce = cb + 8 < nc ? cb + 8 : nc;
             for (int64_t c = cb; c < ce; c++) {
                 __m256i s[8];
-#pragma GCC unroll 8
-                for (int t = 0; t < MB; t++) s[t] = _mm256_zextsi128_si256(_mm_cvtsi32_si128(zt[t][c - cb]));
 #pragma GCC unroll 4
                 for (int k = 0; k < nt; k++) {
                     __m256i q[4];
                     term_codes(r0[k][r], r1[k][r], kind[k], c, q);
                     const int8_t *xk = (kind[k] == TERM_B ? a->qb : a->qa) + m0 * K + 128 * c;
 #pragma GCC unroll 8
-                    for (int t = 0; t < MB; t++) s[t] = _mm256_add_epi32(s[t], term_dot(q, xk + t * K, mult[k]));
+                    for (int t = 0; t < MB; t++) {
+                        const __m256i d = term_dot(q, xk + t * K, mult[k]);
+                        s[t] = k == 0 ? d : _mm256_add_epi32(s[t], d);
+                    }
                 }
 #pragma GCC unroll 8
                 for (int t = 0; t < MB; t++)
