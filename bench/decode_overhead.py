@@ -1,10 +1,13 @@
 """A/B of the single-token decode path: the lean path (``blocks.FAST_DECODE``) against the general one.
 
-Owns :func:`ab_decode`, which times decode steps of one loaded model with the lean path on and off,
-interleaved step by step at the same cache positions (each step runs both arms, in alternating order,
-the second after rewinding the cache by one position), so both arms see the same machine load, the
-same positions and the same expert and projection kernels; the difference is the Python / torch
-dispatch the lean path removes. Optionally a per-component table (``bench/step_profile.py``) per arm.
+Owns :func:`ab_decode`, which times decode steps of one loaded model in three arms — ``general``
+(switch off), ``fast_torch`` (lean path, torch ops only) and ``fast`` (lean path with the native
+norm / RoPE / cache-write helpers of ``engine/decode_kernels.py``) — interleaved step by step at the
+same cache positions (each step runs every arm, in rotating order, rewinding the cache by one
+position before each), so the arms see the same machine load, positions and expert and projection
+kernels; the differences are the Python / torch dispatch the lean path removes. The time inside the
+native matrix / expert kernels is clocked and subtracted too (``outside_kernels_ms``). Optionally a
+per-component table (``bench/step_profile.py``) for ``fast`` and ``general``.
 
 Models: ``--model PATH`` (anything ``Engine.load`` opens, e.g. a converted shard folder from
 ``/work/bench_data/syn_dense_q/paths.json``) or ``--synthetic`` (a random fp32 ``qwen3_moe`` of the
@@ -95,51 +98,66 @@ class KernelClock:
         self._saved.clear()
 
 
+#: The arms: ``blocks`` switches of each (FAST_DECODE, NATIVE_ATTENTION, NATIVE_NORM_MAX).
+ARMS = {"general": (False, True, blocks.NATIVE_NORM_MAX),
+        "fast_torch": (True, False, 0),  # the lean path without the native helpers
+        "fast": (True, True, blocks.NATIVE_NORM_MAX)}
+
+
+def _set_arm(arm: str) -> None:
+    blocks.FAST_DECODE, blocks.NATIVE_ATTENTION, blocks.NATIVE_NORM_MAX = ARMS[arm]
+
+
 def ab_decode(model: torch.nn.Module, cache, prompt: list[int], tokens: list[int]) -> dict:
-    """Time each decode step with the lean path on and off, interleaved at the same positions.
+    """Time each decode step in every arm of :data:`ARMS`, interleaved at the same positions.
+
+    Each step runs all arms in a rotating order, rewinding the cache by one position before each.
 
     Args:
         model: a ``MoECausalLM`` with its expert provider set.
         cache: its KV cache (reset here).
         prompt: prefill ids.
-        tokens: teacher-forced decode ids (one step each, both arms).
+        tokens: teacher-forced decode ids (one step each, every arm).
 
     Returns:
-        ``{"steps", "fast_ms", "general_ms", "saved_ms"}`` as medians over steps, the same for the step
-        minus its native kernel time (``*_outside_kernels_ms``), ``saved_ms_per_step`` (median of the
-        per-step differences) and ``max_abs_logit_diff`` (int8 activation rounding amplifies the
-        fp32-rounding differences of the two paths on quantized models).
+        ``{"steps", "ms": {arm: median step}, "outside_kernels_ms": {arm: median step minus its native
+        kernel time}, "saved_ms": {arm: median over steps of (general - arm)}, "saved_outside_kernels_ms",
+        "saved_ms_quartiles", "max_abs_logit_diff": {arm: vs general}}`` (int8 activation rounding
+        amplifies the fp32-rounding differences of the paths on quantized models).
     """
-    fast, general, diffs = [], [], []
-    outside: dict[bool, list[float]] = {True: [], False: []}
-    max_diff = 0.0
-    with torch.inference_mode(), KernelClock() as clock:
-        for _ in range(2):  # the first prefill also loads every expert it routes to (streaming providers)
-            cache.reset()
-            model(torch.tensor([prompt]), cache)
-        for i, tok in enumerate(tokens):
-            pos = cache.seq_len
-            ids = torch.tensor([[tok]])
-            res = {}
-            for arm in ((True, False) if i % 2 == 0 else (False, True)):
-                cache.seq_len = pos
-                blocks.FAST_DECODE = arm
-                clock.seconds = 0.0
-                t0 = time.perf_counter()
-                logits = model(ids, cache)
-                res[arm] = (time.perf_counter() - t0, logits)
-                outside[arm].append(res[arm][0] - clock.seconds)
-            blocks.FAST_DECODE = True
-            fast.append(res[True][0])
-            general.append(res[False][0])
-            diffs.append(res[False][0] - res[True][0])
-            max_diff = max(max_diff, float((res[True][1] - res[False][1]).abs().max()))
+    names = list(ARMS)
+    step: dict[str, list[float]] = {a: [] for a in names}
+    outside: dict[str, list[float]] = {a: [] for a in names}
+    max_diff = {a: 0.0 for a in names}
+    try:
+        with torch.inference_mode(), KernelClock() as clock:
+            for _ in range(2):  # the first prefill also loads every expert it routes to (streaming providers)
+                cache.reset()
+                model(torch.tensor([prompt]), cache)
+            for i, tok in enumerate(tokens):
+                pos = cache.seq_len
+                ids = torch.tensor([[tok]])
+                logits = {}
+                for arm in names[i % len(names):] + names[:i % len(names)]:
+                    cache.seq_len = pos
+                    _set_arm(arm)
+                    clock.seconds = 0.0
+                    t0 = time.perf_counter()
+                    logits[arm] = model(ids, cache)
+                    dt = time.perf_counter() - t0
+                    step[arm].append(dt)
+                    outside[arm].append(dt - clock.seconds)
+                for arm in names:
+                    max_diff[arm] = max(max_diff[arm], float((logits[arm] - logits["general"]).abs().max()))
+    finally:
+        _set_arm("fast")
     med = lambda v: 1e3 * statistics.median(v)  # noqa: E731
-    return {"steps": len(tokens), "fast_ms": med(fast), "general_ms": med(general),
-            "saved_ms": med(general) - med(fast), "saved_ms_per_step": med(diffs),
-            "fast_outside_kernels_ms": med(outside[True]), "general_outside_kernels_ms": med(outside[False]),
-            "saved_outside_kernels_ms": med([g - f for f, g in zip(outside[True], outside[False])]),
-            "saved_ms_quartiles": [1e3 * q for q in statistics.quantiles(diffs, n=4)],
+    diff = lambda d, a: [g - f for f, g in zip(d[a], d["general"])]  # noqa: E731
+    return {"steps": len(tokens), "ms": {a: med(step[a]) for a in names},
+            "outside_kernels_ms": {a: med(outside[a]) for a in names},
+            "saved_ms": {a: med(diff(step, a)) for a in names},
+            "saved_outside_kernels_ms": {a: med(diff(outside, a)) for a in names},
+            "saved_ms_quartiles": {a: [1e3 * q for q in statistics.quantiles(diff(step, a), n=4)] for a in names},
             "max_abs_logit_diff": max_diff}
 
 
@@ -148,17 +166,19 @@ def components(model: torch.nn.Module, cache, prompt: list[int], tokens: list[in
     from moestream.bench.step_profile import profile_components
 
     out = {}
-    with torch.inference_mode():
-        for arm in (True, False):
-            blocks.FAST_DECODE = arm
-            cache.reset()
-            model(torch.tensor([prompt]), cache)
+    try:
+        with torch.inference_mode():
+            for arm in ("fast", "general"):
+                _set_arm(arm)
+                cache.reset()
+                model(torch.tensor([prompt]), cache)
 
-            def step(tok: int) -> None:
-                model(torch.tensor([[tok]]), cache)
+                def step(tok: int) -> None:
+                    model(torch.tensor([[tok]]), cache)
 
-            out["fast" if arm else "general"] = profile_components(model, step, tokens)
-        blocks.FAST_DECODE = True
+                out[arm] = profile_components(model, step, tokens)
+    finally:
+        _set_arm("fast")
     return out
 
 
@@ -202,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     doc["runs"].append(res)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     ab = res["ab"]
-    print(f"{name}: {ab['general_ms']:.2f} -> {ab['fast_ms']:.2f} ms/token (median of {ab['steps']} interleaved "
-          f"steps; saved {ab['saved_ms_per_step']:.2f} ms/step); outside the native kernels "
-          f"{ab['general_outside_kernels_ms']:.2f} -> {ab['fast_outside_kernels_ms']:.2f} ms/token; "
-          f"max |dlogit| {ab['max_abs_logit_diff']:.2e}", file=sys.stderr)
+    ms, out_ms, saved = ab["ms"], ab["outside_kernels_ms"], ab["saved_ms"]
+    print(f"{name}: ms/token (median of {ab['steps']} interleaved steps) general {ms['general']:.2f}, "
+          f"fast_torch {ms['fast_torch']:.2f}, fast {ms['fast']:.2f}; saved per step vs general: fast_torch "
+          f"{saved['fast_torch']:.2f}, fast {saved['fast']:.2f}; outside the native kernels general "
+          f"{out_ms['general']:.2f}, fast_torch {out_ms['fast_torch']:.2f}, fast {out_ms['fast']:.2f}", file=sys.stderr)
     print(json.dumps({"model": name, **ab}))
     return 0
 

@@ -80,10 +80,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if (x.dtype != _F32 or weight.dtype != _F32 or x.device.type != "cpu"
             or not x.is_contiguous() or not weight.is_contiguous()):
         return None
-    lib = _lib()
-    if lib is None:
-        return None
     n = x.shape[-1]
+    lib = _lib()
+    if lib is None or n == 0 or weight.numel() != n:
+        return None
     y = torch.empty_like(x)
     lib.dk_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n, eps)
     return y
