@@ -3,8 +3,8 @@
 Owns :func:`rms_norm` and :func:`prep_one` (one ctypes call each instead of ~8 and ~25 torch ops,
 whose dispatch dominates a decode step's glue on one CPU thread), built once per machine from
 ``decode_kernels_src.py`` like ``engine/dense_kernels.py``. Both return None when they cannot run
-(no compiler, ``MOESTREAM_NATIVE_KERNELS=0``, a non-CPU / non-fp32 / non-contiguous operand), and the
-caller keeps its torch path. Results equal the torch path within fp32 rounding (sums in another
+(no compiler, ``MOESTREAM_NATIVE_KERNELS=0``, a non-CPU / non-fp32 / non-contiguous operand, autograd
+recording), and the caller keeps its torch path. Results equal the torch path within fp32 rounding (sums in another
 order; the RoPE products and the cache writes are bit-identical): ``tests/test_decode_fast_path.py``.
 
 Knows nothing about models: tensors and sizes in, tensors out.
@@ -68,6 +68,11 @@ def _lib() -> ctypes.CDLL | None:
     return library() if enabled() else None
 
 
+def _needs_grad(*ts: torch.Tensor | None) -> bool:
+    """True when autograd would record these operands (the native calls are invisible to it)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """``weight * x / sqrt(mean(x^2, -1) + eps)`` for contiguous fp32 CPU ``x [..., n]``, else None.
 
@@ -78,7 +83,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         A new tensor shaped like ``x``, or None when the native helper does not apply.
     """
     if (x.dtype != _F32 or weight.dtype != _F32 or x.device.type != "cpu"
-            or not x.is_contiguous() or not weight.is_contiguous()):
+            or not x.is_contiguous() or not weight.is_contiguous() or _needs_grad(x, weight)):
         return None
     n = x.shape[-1]
     lib = _lib()
@@ -113,7 +118,7 @@ def prep_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w: torch.Tenso
     Returns:
         ``[B, h, D]`` normed and roped queries, or None (nothing written).
     """
-    if k_cache.device.type != "cpu" or k_cache.dim() != 4:
+    if k_cache.device.type != "cpu" or k_cache.dim() != 4 or _needs_grad(q, k, v, q_w, k_w):
         return None
     lib = _lib()
     if lib is None:
