@@ -14,6 +14,7 @@ Legend: T prompt tokens, V vocabulary.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
@@ -104,9 +105,15 @@ class GenerationResult:
                 "stats": self.stats.to_dict()}
 
 
+_proc: psutil.Process | None = None
+
+
 def _rss() -> int:
-    """Current resident set size of this process in bytes."""
-    return psutil.Process().memory_info().rss
+    """Current resident set size of this process in bytes (read every decode step: the handle is kept)."""
+    global _proc
+    if _proc is None or _proc.pid != os.getpid():  # a new handle after a fork
+        _proc = psutil.Process()
+    return _proc.memory_info().rss
 
 
 def _last_logits(model: CausalLM, ids: Sequence[int], cache: KVCache, device: torch.device) -> torch.Tensor:
