@@ -353,7 +353,7 @@ def _check(rc: int) -> None:
 
 def _linear_raw(lib: ctypes.CDLL, op: Operand, x: torch.Tensor, portable: bool = False) -> torch.Tensor:
     x = _as_input(x)
-    y = torch.empty((x.shape[0], op.shape[0]), dtype=torch.float32)
+    y = torch.empty(x.shape[0], op.shape[0], dtype=torch.float32)
     if x.shape[0] == 0:
         return y
     if portable:
