@@ -73,6 +73,11 @@ def _needs_grad(*ts: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """fp32, on the CPU, contiguous (the cheap attribute reads: this runs several times per layer and token)."""
+    return t.dtype is _F32 and t.is_cpu and t.is_contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """``weight * x / sqrt(mean(x^2, -1) + eps)`` for contiguous fp32 CPU ``x [..., n]``, else None.
 
@@ -82,8 +87,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     Returns:
         A new tensor shaped like ``x``, or None when the native helper does not apply.
     """
-    if (x.dtype != _F32 or weight.dtype != _F32 or x.device.type != "cpu"
-            or not x.is_contiguous() or not weight.is_contiguous() or _needs_grad(x, weight)):
+    if not (_dense(x) and _dense(weight)) or _needs_grad(x, weight):
         return None
     n = x.shape[-1]
     lib = _lib()
@@ -95,10 +99,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 
 def _row_stride(t: torch.Tensor, rows: int, d: int) -> int | None:
-    """Batch stride of ``t [B, rows*d]``-like activations whose rows of one sequence are contiguous."""
-    if t.dtype != _F32 or t.device.type != "cpu" or t.stride(-1) != 1 or t.shape[-1] != rows * d:
+    """Batch stride of ``t [B, 1, rows*d]`` activations whose row of one sequence is contiguous, else None."""
+    if t.dtype is not _F32 or not t.is_cpu or t.dim() != 3 or t.shape[1] != 1:
         return None
-    return int(t.stride(0))
+    stride = t.stride()
+    return stride[0] if stride[2] == 1 and t.shape[2] == rows * d else None
 
 
 def prep_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w: torch.Tensor | None,
@@ -118,22 +123,23 @@ def prep_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w: torch.Tenso
     Returns:
         ``[B, h, D]`` normed and roped queries, or None (nothing written).
     """
-    if k_cache.device.type != "cpu" or k_cache.dim() != 4 or _needs_grad(q, k, v, q_w, k_w):
+    if not (_dense(k_cache) and _dense(v_cache)) or k_cache.dim() != 4 or _needs_grad(q, k, v, q_w, k_w):
         return None
     lib = _lib()
     if lib is None:
         return None
-    b, g, L, d = k_cache.shape
+    shape = k_cache.shape
+    b, g, L, d = shape
     h = num_heads
     qb, kb, vb = _row_stride(q, h, d), _row_stride(k, g, d), _row_stride(v, g, d)
     r = cos.shape[-1]
-    norms_ok = all(w is None or (w.dtype == _F32 and w.is_contiguous() and w.numel() == d) for w in (q_w, k_w))
-    if (qb is None or kb is None or vb is None or not norms_ok or d > 1024 or r > d or r % 2
-            or k_cache.dtype != _F32 or v_cache.dtype != _F32
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or v_cache.shape != k_cache.shape
-            or cos.dtype != _F32 or sin.dtype != _F32 or not (cos.is_contiguous() and sin.is_contiguous())
-            or q.shape[0] != b or h % g or not 0 <= pos < L):
+    if (qb is None or kb is None or vb is None or v_cache.shape != shape or q.shape[0] != b
+            or k.shape[0] != b or v.shape[0] != b or d > 1024 or r > d or r % 2 or h % g or not 0 <= pos < L
+            or not (_dense(cos) and _dense(sin)) or cos.numel() != r or sin.numel() != r):
         return None
+    for w in (q_w, k_w):
+        if w is not None and not (_dense(w) and w.numel() == d):
+            return None
     qo = torch.empty((b, h, d), dtype=_F32)
     rc = lib.dk_prep_one(q.data_ptr(), qb, k.data_ptr(), kb, v.data_ptr(), vb,
                          None if q_w is None else q_w.data_ptr(), None if k_w is None else k_w.data_ptr(), eps,
