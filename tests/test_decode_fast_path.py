@@ -108,12 +108,13 @@ def test_native_prep_declines_what_it_cannot_do():
     assert not any(c.any() for c in half)
     strided = [torch.zeros(1, 6, 2, 16).transpose(1, 2) for _ in range(2)]
     assert decode_kernels.prep_one(q, k, v, None, None, 1e-6, cos, sin, *strided, 3, 8) is None
-    w = torch.ones(16, requires_grad=True)  # autograd recording: torch keeps the graph
-    assert decode_kernels.prep_one(q, k, v, w, w, 1e-6, cos, sin, *caches, 3, 8) is None
-    assert decode_kernels.rms_norm(q.view(8, 16), w, 1e-6) is None
+    w = torch.ones(16, requires_grad=True)
+    with torch.enable_grad():  # autograd recording: torch keeps the graph (another test may have left grad off)
+        assert decode_kernels.prep_one(q, k, v, w, w, 1e-6, cos, sin, *caches, 3, 8) is None
+        assert decode_kernels.rms_norm(q.view(8, 16), w, 1e-6) is None
+        assert RMSNorm(16)(q.view(8, 16)).requires_grad
     with torch.no_grad():
         assert decode_kernels.rms_norm(q.view(8, 16), w, 1e-6) is not None
-    assert RMSNorm(16)(q.view(8, 16)).requires_grad
 
 
 @pytest.mark.parametrize("native", [True, False])
