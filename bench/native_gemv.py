@@ -15,7 +15,12 @@ matryoshka_floor levels 2/4/8 bits (group 128), each computed by
                       into scratch per call, then ``F.linear``);
 * ``fp32``          — ``F.linear`` on fp32 weights (4 B/weight);
 * ``ggml Q4_0/Q8_0``— llama.cpp's own CPU kernels (``ggml_mul_mat`` through llama-cpp-python's
-                      libggml, activations quantized to Q8 as llama.cpp does), when that library loads.
+                      libggml, activations quantized to Q8 as llama.cpp does), when that library loads;
+* ``native int8-act @REV`` — only with ``--baseline REV``: the int8 arm with the nested kernel built
+                      from git revision REV's C source (before/after of a kernel change in one run);
+* ``native int8-act 1-call`` — only with ``--one-call``: the int8 kernel through a bare ctypes call with the
+                      addresses read beforehand, as the ggml arm calls ggml (the ``native`` arms also pay
+                      ``set_activation_mode`` and ``linear``'s checks and output allocation, several µs).
 
 Two cache regimes: ``cold`` cycles over enough copies of the weights (>= 3x the last-level cache)
 that every call reads them from memory, as a streamed or large model does; ``hot`` repeats one copy.
@@ -32,7 +37,9 @@ import ctypes
 import json
 import os
 import random
+import re
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +56,7 @@ from moestream.engine import kernels as K
 from moestream.engine import native_kernels as nk
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ((768, 2048), (2048, 768))  # (N, K): gate/up, down
 GROUP = 128
 LEVEL_BITS = {1: 2, 2: 4, 3: 8}
@@ -84,8 +92,13 @@ def load_ggml() -> tuple[Any, Any] | None:
     return base, cpu
 
 
-def ggml_case(libs: tuple[Any, Any], qtype: str, n: int, k: int, x: torch.Tensor, copies: int, threads: int):
-    """Callables computing ``x @ Wᵀ`` with ggml on ``copies`` quantized weight copies (one graph each)."""
+def ggml_case(libs: tuple[Any, Any], qtype: str, n: int, k: int, x: torch.Tensor, copies: int, threads: int,
+              n_calls: int = 0):
+    """Callables computing ``x @ Wᵀ`` with ggml on ``copies`` quantized weight copies (one graph each).
+
+    ``n_calls``: how many computes the context must hold (``ggml_graph_compute_with_ctx`` takes each
+    call's work buffer, the quantized activations, from the context and never gives it back).
+    """
     from gguf import GGMLQuantizationType
     from gguf import quants
 
@@ -94,7 +107,8 @@ def ggml_case(libs: tuple[Any, Any], qtype: str, n: int, k: int, x: torch.Tensor
     q = quants.quantize((np.random.default_rng(0).standard_normal((n, k)) * 0.02).astype(np.float32),
                         GGMLQuantizationType[qtype])
     m = x.shape[0]
-    ctx = base.ggml_init(_GGMLParams(copies * (q.nbytes + 4 * m * (k + n) + 4096) + (64 << 20), None, False))
+    work = n_calls * (2 * m * k + 4096 * threads)
+    ctx = base.ggml_init(_GGMLParams(copies * (q.nbytes + 4 * m * (k + n) + 4096) + work + (64 << 20), None, False))
     xs = np.ascontiguousarray(x.numpy())
     graphs = []
     for _ in range(copies):
@@ -110,8 +124,40 @@ def ggml_case(libs: tuple[Any, Any], qtype: str, n: int, k: int, x: torch.Tensor
     return calls, q.nbytes, ctx
 
 
+# ------------------------------------------------------------------------------------ baseline kernel
+def kernel_source_at(rev: str) -> str:
+    """The nested kernel's C source at git revision ``rev`` (its ``engine/*_src`` imports read at ``rev`` too)."""
+    def module(name: str) -> dict:
+        text = subprocess.run(["git", "show", f"{rev}:engine/{name}.py"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout
+        ns: dict = {}
+        for dep, names in re.findall(r"^from moestream\.engine\.(\w+_src) import (.+)$", text, re.M):
+            d = module(dep)
+            ns.update({nm.strip(): d[nm.strip()] for nm in names.split(",")})
+        exec(compile(re.sub(r"^from moestream\.engine\.\w+_src import .+$", "", text, flags=re.M),
+                     f"{rev}:engine/{name}.py", "exec"), ns)
+        return ns
+
+    return module("native_kernels_src")["C_SOURCE"]
+
+
+def load_baseline(rev: str) -> tuple[str, Any]:
+    """(short revision, kernel library built from revision ``rev``) for the ``native int8-act @REV`` arm."""
+    from moestream.convert.native_build import build_first_working, find_compiler
+
+    short = subprocess.run(["git", "rev-parse", "--short=7", rev], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    cc = find_compiler()
+    lib, errors = (None, ["no C compiler"]) if cc is None else build_first_working(
+        f"nested_kernel_{short}", kernel_source_at(rev), nk._CFLAGS, nk._VARIANTS[:1], cc, nk._load, lambda _: None)
+    if lib is None:
+        raise SystemExit(f"could not build the kernel of {rev}: {'; '.join(errors)}")
+    return short, lib
+
+
 # ------------------------------------------------------------------------------------ cases
-def build_cases(n: int, k: int, m: int, cold_bytes: int, threads: int, ggml: Any) -> list[dict]:
+def build_cases(n: int, k: int, m: int, cold_bytes: int, threads: int, ggml: Any,
+                baseline: tuple[str, Any] | None = None, rounds: int = 5, one_call: bool = False) -> list[dict]:
     """Every kernel for one shape and token count; each case is a list of zero-argument calls."""
     rng = np.random.default_rng(n + k + m)
     codec = get_codec("matryoshka_floor")
@@ -134,6 +180,19 @@ def build_cases(n: int, k: int, m: int, cold_bytes: int, threads: int, ggml: Any
         for act in ("fp32", "int8"):  # the activation mode is switched per call (both arms pay the same ctypes call)
             add(f"native {act}-act", bits, ops[0].nbytes,
                 [(lambda op=op, a=act: (nk.set_activation_mode(a), nk.linear(op, x))) for op in ops], ops)
+        if one_call:
+            own, y = nk.library(), torch.empty(m, n)
+            add("native int8-act 1-call", bits, ops[0].nbytes,
+                [(lambda op=op, lib=own, y=y: (lib.nq_set_act(1),  # the fp32 arm switches the mode per call
+                                               lib.nq_linear(op.desc_ptr, op.bases_ptr, x.data_ptr(), m, y.data_ptr(),
+                                                             threads)))
+                 for op in ops], (ops, y))
+        if baseline is not None:  # the int8 arm's Python path (less linear()'s checks), the other library's kernel
+            rev, other = baseline
+            add(f"native int8-act @{rev}", bits, ops[0].nbytes,
+                [(lambda op=op, lib=other: (nk.set_activation_mode("int8"), lib.nq_set_act(1),
+                                            nk._linear_raw(lib, op, x)))
+                 for op in ops], ops)
         encs = [enc0.truncate(level) for _ in range(copies(enc0.nbytes(level), cap=16))]
         add("decode+matmul", bits, enc0.nbytes(level),
             [(lambda e=e, lv=level: F.linear(x, e.torch_decode(lv, out=scratch))) for e in encs], encs)
@@ -146,7 +205,8 @@ def build_cases(n: int, k: int, m: int, cold_bytes: int, threads: int, ggml: Any
     if ggml is not None:
         for qtype, bits in (("Q4_0", 4), ("Q8_0", 8)):
             nbytes = n * k * (18 if qtype == "Q4_0" else 34) // 32
-            calls, nbytes, ctx = ggml_case(ggml, qtype, n, k, x, copies(nbytes), threads)
+            cp = copies(nbytes)  # warm-up, then per round one cold pass and max(8, copies) hot calls
+            calls, nbytes, ctx = ggml_case(ggml, qtype, n, k, x, cp, threads, 4 + rounds * (cp + max(8, cp)))
             add(f"ggml {qtype}", bits, nbytes, calls, ctx)
     return cases
 
@@ -169,17 +229,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cold-mb", type=int, default=96, help="bytes cycled per cold case (>= 3x the LLC)")
     ap.add_argument("--no-ggml", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "native_gemv.json")
+    ap.add_argument("--baseline", metavar="REV", help="also time the int8 arm with the kernel of git revision REV")
+    ap.add_argument("--one-call", action="store_true", help="also time the int8 kernel through one bare ctypes call")
     args = ap.parse_args(argv)
     if not nk.available():
         raise SystemExit("native kernels are not available (no C compiler, or MOESTREAM_NATIVE_KERNELS=0)")
     ggml = None if args.no_ggml else load_ggml()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     load_before = os.getloadavg()
     bw = read_bandwidth()
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         cases = [c for n, k in SHAPES for m in args.tokens
-                 for c in build_cases(n, k, m, args.cold_mb << 20, threads, ggml)]
+                 for c in build_cases(n, k, m, args.cold_mb << 20, threads, ggml, baseline, args.rounds, args.one_call)]
         order = [(c, hot) for c in cases for hot in (False, True)]
         samples: dict[tuple[int, bool], list[float]] = {(id(c), hot): [] for c, hot in order}
         for c, hot in order:  # warm-up
@@ -203,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
            "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__, "cpu_model": cpu_model(),
            "cpu_count": os.cpu_count(), "git_commit": git_commit(), "loadavg_before": load_before,
            "loadavg_after": os.getloadavg(), "read_bandwidth_GBps": bw / 1e9, "ggml": ggml is not None,
+           "baseline": baseline[0] if baseline else None,
            "note": "2 cores shared with other jobs (see loadavg): compare rows of the same run only.",
            "results": rows, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +285,33 @@ def _ratio(rows: list[dict], r: dict, other: str) -> float:
     return o["median_us"] / r["median_us"]
 
 
+def _int8_summary(doc: dict) -> list[str]:
+    """Markdown lines: the int8 arm (and its ``--baseline`` kernel) against ggml per projection, bits and setting."""
+    rows = doc["results"]
+    base = f"native int8-act @{doc['baseline']}" if doc.get("baseline") else None
+    one = "native int8-act 1-call" if any(r["kernel"] == "native int8-act 1-call" for r in rows) else None
+
+    def med(r: dict, kernel: str, bits: int) -> float | None:
+        return next((x["median_us"] for x in rows if x["kernel"] == kernel and x["bits"] == bits and
+                     all(x[k] == r[k] for k in ("N", "K", "M", "threads", "cache"))), None)
+
+    head = "| threads | cache | N×K | M | bits | int8 µs |" + (f" @{doc['baseline']} µs |" if base else "") + \
+        (" 1-call µs |" if one else "") + " ggml µs | int8 / ggml |" + (" 1-call / ggml |" if one else "")
+    out = ["## int8 arm vs ggml (Q4_0 for 2/4 bits, Q8_0 for 8), median µs", "", head,
+           "|" + "---:|" * (head.count("|") - 1)]
+    for r in rows:
+        if r["kernel"] != "native int8-act":
+            continue
+        g = med(r, "ggml Q8_0" if r["bits"] == 8 else "ggml Q4_0", 8 if r["bits"] == 8 else 4)
+        b = med(r, base, r["bits"]) if base else None
+        o = med(r, one, r["bits"]) if one else None
+        out.append(f"| {r['threads']} | {r['cache']} | {r['N']}×{r['K']} | {r['M']} | {r['bits']} | "
+                   f"{r['median_us']:.0f} |" + (f" {b:.0f} |" if base else "") + (f" {o:.0f} |" if one else "") +
+                   (f" {g:.0f} | {r['median_us'] / g:.2f} |" if g else " – | – |") +
+                   ((f" {o / g:.2f} |" if g else " – |") if one else ""))
+    return out + [""]
+
+
 def markdown(doc: dict) -> str:
     """The results as Markdown: one table per (threads, cache)."""
     rows = doc["results"]
@@ -230,6 +321,7 @@ def markdown(doc: dict) -> str:
            f"{doc['rounds']} interleaved rounds, read bandwidth {doc['read_bandwidth_GBps']:.1f} GB/s, load average "
            f"before/after {doc['loadavg_before'][0]:.2f}/{doc['loadavg_after'][0]:.2f} (CPU shared with other jobs). "
            "µs per projection call, median (min–max); `× fp32` = fp32 median / this median (> 1: faster).", ""]
+    out += _int8_summary(doc)
     for threads in doc["threads"]:
         for cache in ("cold", "hot"):
             out += [f"## {threads} thread(s), {cache} weights", "",
