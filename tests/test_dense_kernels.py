@@ -61,6 +61,45 @@ def test_native_equals_reference(kind):
 
 
 @pytest.mark.skipif(not dk.available(), reason="dense kernels unavailable (no C compiler / AVX2)")
+@pytest.mark.parametrize("kind", dk.DENSE_KINDS)
+def test_tiles_and_remainders(kind):
+    """Row counts off the 2-row tile, token counts off the 4-token tile (M = 1..17), K = 32·n off the 8-block
+    scale chunk; every output equals the reference and does not depend on the tile that computed it."""
+    g = torch.Generator().manual_seed(2)
+    for n, nblk in ((1, 1), (3, 7), (5, 8), (7, 9), (9, 17), (34, 24)):
+        k = 32 * nblk
+        p = dk.quantize(torch.randn(n, k, generator=g) * 0.05, kind)
+        x = torch.randn(17, k, generator=g) * 3
+        x[4, :32] = 0.0  # an all-zero activation block
+        one = torch.cat([dk.linear(x[i:i + 1], p) for i in range(17)])
+        for m in range(1, 18):
+            got = dk.linear(x[:m], p)
+            assert torch.equal(got, one[:m]), (n, k, m)  # the same bits in any tile
+            ref = dk.reference_linear(x[:m], p).double()
+            xq, dx = dk.quantize_activations(x[:m])
+            xd = (xq.view(m, -1, 32).double() * dx.double().unsqueeze(-1)).view(m, k)
+            bound = (nblk + 8) * U * (xd.abs() @ dk.dequantize(p).double().abs().T) + 1e-30
+            assert bool(((got.double() - ref).abs() <= bound).all()), (n, k, m)
+        sub = dk.PackedDense(kind, p.qs[1:].clone(), p.d[1:].clone(), (n - 1, k)) if n > 1 else None
+        if sub is not None:  # a row's result does not depend on its neighbours (tile pairing shifted by one)
+            assert torch.equal(dk.linear(x[:6], sub), dk.linear(x[:6], p)[:, 1:])
+
+
+@pytest.mark.skipif(not dk.available(), reason="dense kernels unavailable (no C compiler / AVX2)")
+@pytest.mark.parametrize("kind", dk.DENSE_KINDS)
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_threads_give_identical_rows_tiled(kind, m):
+    p = dk.quantize(torch.randn(517, 1024), kind)  # odd row count: the threads' halves split a 2-row tile
+    x = torch.randn(m, 1024)
+    try:
+        torch.set_num_threads(2)
+        two = dk.linear(x, p)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(two, dk.linear(x, p))
+
+
+@pytest.mark.skipif(not dk.available(), reason="dense kernels unavailable (no C compiler / AVX2)")
 def test_threads_give_identical_rows():
     p = dk.quantize(torch.randn(512, 1024), "q8_0")
     x = torch.randn(3, 1024)
