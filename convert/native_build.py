@@ -14,6 +14,7 @@ signatures and self-check. Knows nothing about what the kernels compute.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -22,6 +23,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("moestream")
 
 
 def cache_dir() -> Path:
@@ -113,3 +116,23 @@ def build_first_working(stem: str, source: str, base_flags: Sequence[str], varia
         return lib, errors
     return None, errors
 
+
+
+def build_or_warn(stem: str, source: str, base_flags: Sequence[str], variants: Sequence[Sequence[str]],
+                  load: Callable[[Path], Any], accept: Callable[[Any], str | None], *, what: str,
+                  fallback: str) -> Any | None:
+    """:func:`build_first_working` with the system compiler, or None after one warning.
+
+    Args:
+        what: what is being built, for the warning ("quantized dense kernels").
+        fallback: what runs instead ("using the torch reference (slower)").
+    """
+    cc = find_compiler()
+    if cc is None:
+        log.warning("no C compiler (%s) found: %s unavailable, %s; install gcc or clang",
+                    os.environ.get("CC") or "cc", what, fallback)
+        return None
+    lib, errors = build_first_working(stem, source, base_flags, variants, cc, load, accept)
+    if lib is None:
+        log.warning("%s unavailable (%s); %s", what, "; ".join(errors), fallback)
+    return lib

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moestream.convert.native_build import build_first_working, find_compiler
+from moestream.convert.native_build import build_or_warn
 from moestream.engine.native_kernels import enabled
 
 log = logging.getLogger("moestream")
@@ -49,14 +49,9 @@ def library() -> ctypes.CDLL | None:
     from moestream.engine.decode_kernels_src import C_SOURCE
 
     with _build_lock:
-        cc = find_compiler()
-        if cc is None:
-            return None
-        lib, errors = build_first_working("decode_kernels", C_SOURCE, _CFLAGS, _VARIANTS, cc, _load,
-                                          lambda lib: None if lib.dk_abi() == 1 else "ABI mismatch")
-        if lib is None:
-            log.warning("native decode helpers unavailable (%s); using torch ops", "; ".join(errors))
-        return lib
+        return build_or_warn("decode_kernels", C_SOURCE, _CFLAGS, _VARIANTS, _load,
+                             lambda lib: None if lib.dk_abi() == 1 else "ABI mismatch",
+                             what="native decode helpers", fallback="using torch ops")
 
 
 def available() -> bool:

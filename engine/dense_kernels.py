@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moestream.convert.native_build import build_first_working, find_compiler
+from moestream.convert.native_build import build_or_warn
 from moestream.engine.native_kernels import enabled
 
 log = logging.getLogger("moestream")
@@ -162,22 +162,14 @@ def library() -> ctypes.CDLL | None:
     """The compiled dense kernels, or None (one warning) when no AVX2 build works here."""
     from moestream.engine.dense_kernels_src import C_SOURCE
 
+    def accept(lib: ctypes.CDLL) -> str | None:
+        if lib.dq_abi() != 1:  # built without AVX2: the reference is as fast and simpler
+            return "no AVX2 on this build"
+        return None if _self_check(lib) else "self-check against the reference failed"
+
     with _build_lock:
-        cc = find_compiler()
-        if cc is None:
-            log.warning("no C compiler found: quantized dense matrices are computed by the torch reference (slower)")
-            return None
-
-        def accept(lib: ctypes.CDLL) -> str | None:
-            if lib.dq_abi() != 1:  # built without AVX2: the reference is as fast and simpler
-                return "no AVX2 on this build"
-            return None if _self_check(lib) else "self-check against the reference failed"
-
-        lib, errors = build_first_working("dense_kernel", C_SOURCE, _CFLAGS, _VARIANTS, cc, _load, accept)
-        if lib is not None:
-            return lib
-        log.warning("quantized dense kernels unavailable (%s); using the torch reference (slower)", "; ".join(errors))
-        return None
+        return build_or_warn("dense_kernel", C_SOURCE, _CFLAGS, _VARIANTS, _load, accept,
+                             what="quantized dense kernels", fallback="using the torch reference (slower)")
 
 
 def available() -> bool:

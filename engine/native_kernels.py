@@ -40,7 +40,7 @@ import torch
 from moestream.convert.codecs import EncodedTensor, MatryoshkaCodec, ResidualCodec
 from moestream.convert.codecs.base import Codec
 from moestream.convert.errors import MoestreamError
-from moestream.convert.native_build import build_first_working, find_compiler
+from moestream.convert.native_build import build_or_warn
 from moestream.engine.native_kernels_src import C_SOURCE as _C_SOURCE
 
 log = logging.getLogger("moestream")
@@ -93,26 +93,20 @@ _build_lock = threading.Lock()
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (one warning) when no build works on this machine."""
-    with _build_lock:
-        cc = find_compiler()
-        if cc is None:
-            log.warning("no C compiler (%s) found: nested experts are decoded to fp32 on every use "
-                        "(slower); install gcc or clang to enable the native kernels", os.environ.get("CC") or "cc")
-            return None
-        def accept(lib: ctypes.CDLL) -> str | None:
-            if lib.nq_abi() // 10 != D_STRIDE * 10 + MAXP:
-                return "descriptor layout mismatch"
-            if not _self_check(lib) or not _self_check_int8(lib):
-                return "self-check against the torch decode failed"
-            return None
+    def accept(lib: ctypes.CDLL) -> str | None:
+        if lib.nq_abi() // 10 != D_STRIDE * 10 + MAXP:
+            return "descriptor layout mismatch"
+        if not _self_check(lib) or not _self_check_int8(lib):
+            return "self-check against the torch decode failed"
+        return None
 
-        lib, errors = build_first_working("nested_kernel", _C_SOURCE, _CFLAGS, _VARIANTS, cc, _load, accept)
+    with _build_lock:
+        lib = build_or_warn("nested_kernel", _C_SOURCE, _CFLAGS, _VARIANTS, _load, accept,
+                            what="native nested-expert kernels",
+                            fallback="nested experts are decoded to fp32 on every use (slower)")
         if lib is not None:
             lib.nq_set_act(int(activation_mode() == "int8"))
-            return lib
-        log.warning("could not build the native nested-expert kernels (%s); nested experts are decoded "
-                    "to fp32 on every use (slower)", "; ".join(errors))
-        return None
+        return lib
 
 
 _act_override: str | None = None
