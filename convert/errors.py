@@ -26,3 +26,7 @@ class UnsupportedModelError(MoestreamError):
 
 class BudgetError(MoestreamError):
     """The memory budget cannot hold the model; the message gives the minimum."""
+
+
+class SettingError(MoestreamError, ValueError):
+    """An environment setting (``MOESTREAM_*``) holds a value moestream does not accept; the CLI reports it in one line."""

@@ -117,7 +117,6 @@ def build_first_working(stem: str, source: str, base_flags: Sequence[str], varia
     return None, errors
 
 
-
 def build_or_warn(stem: str, source: str, base_flags: Sequence[str], variants: Sequence[Sequence[str]],
                   load: Callable[[Path], Any], accept: Callable[[Any], str | None], *, what: str,
                   fallback: str) -> Any | None:

@@ -259,9 +259,9 @@ def planes_from_encoded(codec: Codec, group_size: int, shapes: Mapping[str, tupl
     return blobs
 
 
-#: One projection's static decode spec: ((plane j, offset, nbytes) per plane, zero (j, offset, R, G),
-#: scale (j, offset, dtype, R, G), plane_bits, stored_bits, r, slicing).
-ProjSpec = tuple[tuple[tuple[int, int, int], ...], tuple[int, int, int, int], tuple[int, int, torch.dtype, int, int],
+#: One projection's static decode spec: ((plane j, offset, nbytes) per plane, zero points (offset, R, G)
+#: and scales (offset, dtype, R, G) in plane 0, plane_bits, stored_bits, r, slicing).
+ProjSpec = tuple[tuple[tuple[int, int, int], ...], tuple[int, int, int], tuple[int, torch.dtype, int, int],
                  tuple[int, ...], int, int, str]
 
 
@@ -275,11 +275,11 @@ def decode_expert_level(planes: Sequence[torch.Tensor], outs: Sequence[torch.Ten
     """
     for out, (prefs, zref, sref, plane_bits, stored_bits, r, slicing) in zip(outs, spec):
         bits = [planes[j][off:off + n] for j, off, n in prefs]
-        j, off, rows, groups = zref
-        zero = planes[j][off:off + rows * groups].view(rows, groups)
-        j, off, dt, rows, groups = sref
+        off, rows, groups = zref
+        zero = planes[0][off:off + rows * groups].view(rows, groups)
+        off, dt, rows, groups = sref
         width = 2 if dt == torch.float16 else 4
-        scale = planes[j][off:off + rows * groups * width].view(dt).view(rows, groups)
+        scale = planes[0][off:off + rows * groups * width].view(dt).view(rows, groups)
         decode_level(bits, zero, scale, out, plane_bits=plane_bits, stored_bits=stored_bits, r=r, slicing=slicing)
 
 
@@ -449,7 +449,7 @@ def _level_spec(lay: PlaneLayout, codec: Codec, level: int) -> tuple[ProjSpec, .
                       for j in range(level))
         zoff, _, (rows, groups) = where[(0, "zero")]
         soff, sdt, _ = where[(0, "scale")]
-        spec.append((prefs, (0, zoff, rows, groups), (0, soff, _TORCH_DTYPES[sdt], rows, groups),
+        spec.append((prefs, (zoff, rows, groups), (soff, _TORCH_DTYPES[sdt], rows, groups),
                      tuple(kw["plane_bits"]), int(kw["stored_bits"]), int(kw["r"]), str(kw["slicing"])))
     return tuple(spec)
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from moestream.convert.errors import BudgetError, ModelFormatError, MoestreamError
-from moestream.engine.quantized_dense import packed_nbytes
+from moestream.engine.quantized_dense import packed_nbytes, quantized_targets
 from moestream.scheduler.budget import align_up, format_bytes
 
 log = logging.getLogger("moestream")
@@ -142,13 +142,14 @@ class _RandomExperts:
         return {}
 
 
-def _quantize_like_stored(model: torch.nn.Module, reader: Any, prefix: str = "") -> dict[str, str]:
-    """Replace the modules the loader keeps as Q8_0/Q4_0 blocks (under ``prefix``) by quantized copies of
-    their current (random) weights, so timing runs the same kernels; returns ``{module: kind}``."""
+def _quantize_like_stored(model: torch.nn.Module, targets: dict[str, str], prefix: str = "") -> dict[str, str]:
+    """Replace the modules of ``targets`` (``quantized_targets``: those the loader keeps as Q8_0/Q4_0 blocks)
+    under ``prefix`` by quantized copies of their current (random) weights, so timing runs the same kernels;
+    returns the ``{module: kind}`` replaced."""
     from moestream.engine import dense_kernels
-    from moestream.engine.quantized_dense import QuantizedEmbedding, QuantizedLinear, quantized_targets
+    from moestream.engine.quantized_dense import QuantizedEmbedding, QuantizedLinear
 
-    targets = {n: k for n, k in quantized_targets(model, reader, "cpu").items() if n.startswith(prefix)}
+    targets = {n: k for n, k in targets.items() if n.startswith(prefix)}
     for name, kind in targets.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -160,13 +161,6 @@ def _quantize_like_stored(model: torch.nn.Module, reader: Any, prefix: str = "")
             QuantizedLinear(packed, getattr(old, "bias", None))
         setattr(parent, child, new)
     return targets
-
-
-def quantized_head_kind(model: torch.nn.Module, reader: Any) -> str | None:
-    """``q8_0``/``q4_0`` when the loader keeps the LM head packed, else None."""
-    from moestream.engine.quantized_dense import quantized_targets
-
-    return quantized_targets(model, reader, "cpu").get("lm_head")
 
 
 def measure_decode_compute(model_type: str, config: dict, steps: int = 16,
@@ -191,6 +185,7 @@ def measure_decode_compute(model_type: str, config: dict, steps: int = 16,
 
     with torch.device("meta"):
         meta, args = build_model(model_type, config, torch.float32)
+    targets = quantized_targets(meta, reader, "cpu") if reader is not None else {}  # {module: q8_0|q4_0}
     dense = meta.costs(bytes_per_param=FP32_BYTES).dense_bytes
     gen = torch.Generator().manual_seed(0)
     provider = (_RandomExperts.like_stored(reader, args.top_k) if reader is not None else None) or \
@@ -205,7 +200,7 @@ def measure_decode_compute(model_type: str, config: dict, steps: int = 16,
     if dense <= full_model_limit:
         model, _ = build_model(model_type, config, torch.float32)
         randomise(model)
-        quantized = _quantize_like_stored(model, reader) if reader is not None else {}
+        quantized = _quantize_like_stored(model, targets)
         model.set_expert_provider(provider)
         cache = model.make_cache(1, 64 + steps + 2)
         tok = torch.zeros(1, 1, dtype=torch.long)
@@ -225,7 +220,7 @@ def measure_decode_compute(model_type: str, config: dict, steps: int = 16,
     layer = meta.model.layers[layer_idx]
     layer.to_empty(device="cpu")
     randomise(layer)
-    quantized = _quantize_like_stored(meta, reader, f"model.layers.{layer_idx}.") if reader is not None else {}
+    quantized = _quantize_like_stored(meta, targets, f"model.layers.{layer_idx}.")
     layer = meta.model.layers[layer_idx]
     meta.set_expert_provider(provider)
     with torch.device("cpu"):
@@ -240,7 +235,7 @@ def measure_decode_compute(model_type: str, config: dict, steps: int = 16,
             layer(x, cos, sin, 32 + t, entry)
             times.append(time.perf_counter() - t0)
     layer_s = float(np.median(times[2:]))
-    head_kind = quantized_head_kind(meta, reader) if reader is not None else None
+    head_kind = targets.get("lm_head")
     head_bytes = (packed_nbytes(head_kind, (int(args.vocab_size), int(args.hidden_size))) if head_kind
                   else args.vocab_size * args.hidden_size * FP32_BYTES)
     head = 2 * head_bytes / measure_memory_bandwidth()

@@ -39,7 +39,8 @@ import torch
 
 from moestream.convert.codecs import EncodedTensor, MatryoshkaCodec, ResidualCodec
 from moestream.convert.codecs.base import Codec
-from moestream.convert.errors import MoestreamError
+from moestream.convert.errors import SettingError
+from moestream.convert.nested_planes import CODEC_IDS
 from moestream.convert.native_build import build_or_warn
 from moestream.engine.native_kernels_src import C_SOURCE as _C_SOURCE
 
@@ -50,7 +51,7 @@ ENV_SWITCH = "MOESTREAM_NATIVE_KERNELS"
 #: Environment switch for the nested kernels' activations: int8 (default) or fp32.
 ACT_ENV = "MOESTREAM_NESTED_ACTIVATIONS"
 #: Codecs the kernel computes (GGML block codecs keep their decode path).
-NESTED_CODECS = ("matryoshka", "matryoshka_floor", "residual")
+NESTED_CODECS = tuple(CODEC_IDS)  # expert codecs stored as nested planes
 MAXP = 8
 #: Descriptor fields of one projection (must match the C enum).
 D_N, D_K, D_GS, D_KIND, D_NP, D_SHIFT, D_CAP, D_CENTRE, D_SF32, D_ZBUF, D_ZOFF, D_SBUF, D_SOFF, D_PLANES = range(14)
@@ -112,7 +113,7 @@ def library() -> ctypes.CDLL | None:
 _act_override: str | None = None
 
 
-class ActivationModeError(MoestreamError, ValueError):
+class ActivationModeError(SettingError):
     """A bad ``MOESTREAM_NESTED_ACTIVATIONS`` value (the CLI reports it in one line)."""
 
 

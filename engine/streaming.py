@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from moestream.convert import constants as C
-from moestream.convert.errors import ModelFormatError
-from moestream.convert.nested_planes import CODEC_IDS, HEADER_BYTES, PlaneDecoder, compiled_decode_failure
+from moestream.convert.errors import ModelFormatError, SettingError
+from moestream.convert.nested_planes import HEADER_BYTES, PlaneDecoder, compiled_decode_failure
 from moestream.convert.page_cache import drop_cached_file
 from moestream.convert.shard_reader import ShardedModel, tensor_from_buffer
 from moestream.engine import native_kernels
@@ -61,20 +61,23 @@ from moestream.scheduler.planner import split_arena
 from moestream.scheduler.policies import POLICIES, make_policy
 from moestream.scheduler.transfer import DeviceStaging
 
-NESTED_CODECS = tuple(CODEC_IDS)  # expert codecs stored as nested planes (decodable on any torch device)
+log = logging.getLogger("moestream")
+
 #: How a device arena decodes nested experts: ``auto`` (default: the torch.compile'd decode on CUDA,
 #: eager elsewhere), ``1`` (compiled on any device, e.g. to test it on the CPU's staged path), ``0`` (eager).
 COMPILE_DECODE_ENV = "MOESTREAM_COMPILE_DECODE"
 
 
 def compiled_decode_wanted(device: torch.device) -> bool:
-    """Whether a device arena on ``device`` decodes nested experts with the compiled decode (``COMPILE_DECODE_ENV``)."""
+    """Whether a device arena on ``device`` decodes nested experts with the compiled decode (``COMPILE_DECODE_ENV``).
+
+    Raises:
+        SettingError: the variable is not ``auto``, ``0`` or ``1``.
+    """
     mode = os.environ.get(COMPILE_DECODE_ENV, "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
-        raise ValueError(f"{COMPILE_DECODE_ENV} must be auto, 0 or 1, got {mode!r}")
+        raise SettingError(f"{COMPILE_DECODE_ENV} must be auto, 0 or 1, got {mode!r}")
     return mode == "1" or (mode == "auto" and device.type == "cuda")
-
-log = logging.getLogger("moestream")
 
 CACHE_POLICIES = tuple(POLICIES)  # lru, lfu, consistency
 #: Tokens of history the consistency policy counts (window = tokens x MoE layers x k accesses).
@@ -227,12 +230,15 @@ class StreamingExperts:
                      for j, c in enumerate(plane_counts)]
         counts = split_arena(plan.arena_bytes - plan.alignment, slot_sizes, plane_counts, min_slots)
         self.device = torch.device(device)
+        self._compiled_decode = compiled_decode_wanted(self.device)  # checks the setting before any allocation
         # GGML expert codecs decode with numpy: their bytes must be in host memory. Nested codecs
         # decode with torch wherever their planes are (PlaneDecoder), so their arena can be on the device.
-        host_codec = self.layout.codec not in (C.CODEC_NONE, *NESTED_CODECS)
+        host_codec = self.layout.codec not in (C.CODEC_NONE, *native_kernels.NESTED_CODECS)
         on_host = (self.device.type == "cpu" or host_codec) if staged is None else not staged
         if on_host and self.device.type != "cpu" and not host_codec:
             raise ValueError(f"an arena on {self.device} needs staged=True (reads cannot land in device memory)")
+        nested = self.layout.codec in native_kernels.NESTED_CODECS  # a device arena decodes them in place:
+        self._plane_decoder = nested_plane_decoder(reader) if nested and not on_host else None  # header read now
         self.arena = ExpertArena(list(plane_bytes), counts, alignment=plan.alignment,
                                  device=None if on_host else self.device)
         self.staging = None if on_host else DeviceStaging(self.device, n_workers, max(slot_sizes), plan.alignment)
@@ -241,9 +247,6 @@ class StreamingExperts:
         # nested codecs on the CPU: the native kernel computes from the plane buffers, no fp32 scratch;
         # in a device arena they are decoded on the device into fp32 scratch
         self._native = native_kernels.nested_views_for(self.layout.codec, self.device) if on_host else None
-        self._plane_decoder = (nested_plane_decoder(reader) if not on_host and self.layout.codec in NESTED_CODECS
-                               else None)
-        self._compiled_decode = compiled_decode_wanted(self.device)
         kwargs = {"window": CONSISTENCY_WINDOW_TOKENS * n_moe_layers * top_k} if cache_policy == "consistency" else {}
         self.cache = StreamingExpertCache(self, self._decode, self.arena, self.loader,
                                           policy=make_policy(cache_policy, **kwargs),
@@ -297,8 +300,7 @@ class StreamingExperts:
         if self._native is not None:
             return self._native.view(buffers, level)
         if self._plane_decoder is not None:  # device arena: decode on the device straight into scratch
-            gate_up, down32 = self._scratch[self._scratch_next]
-            self._scratch_next += 1
+            gate_up, down32 = self._take_scratch()
             i = gate_up.shape[0] // 2
             self._plane_decoder.decode(list(buffers), out={"gate_proj": gate_up[:i], "up_proj": gate_up[i:],
                                                            "down_proj": down32}, compiled=self._compiled_decode)
@@ -310,12 +312,17 @@ class StreamingExperts:
             gate_up = torch.empty(0, dtype=torch.float32, device=gate.device).set_(
                 gate.untyped_storage(), gate.storage_offset(), (2 * i, h), (h, 1))  # [2I, H] over the slot
             return ExpertView(gate=gate_up[:i], up=gate_up[i:], down=down, level=level, gate_up=gate_up)
-        gate_up, down32 = self._scratch[self._scratch_next]
-        self._scratch_next += 1
+        gate_up, down32 = self._take_scratch()
         gate_up[:i].copy_(gate)
         gate_up[i:].copy_(up)
         down32.copy_(down)
         return ExpertView(gate=gate_up[:i], up=gate_up[i:], down=down32, level=level, gate_up=gate_up)
+
+    def _take_scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next fp32 ``([2I, H] gate_up, [H, I] down)`` decode target of this acquire."""
+        pair = self._scratch[self._scratch_next]
+        self._scratch_next += 1
+        return pair
 
     @property
     def wants_hints(self) -> bool:
@@ -442,8 +449,9 @@ def shard_footprint(reader: ShardedModel, ctx: int, device: torch.device | str =
     Decode scratch: none when fp32 experts are used in place; else top-k fp32 experts, plus one being
     decoded for nested/GGML codecs (the codec's output before it is copied into scratch); none for nested
     codecs served by the native kernels on the CPU (``device``, unless ``staged``), which compute from
-    the arena bytes (a staged or device arena decodes nested planes into scratch). Dense weights count as :func:`load_dense` holds them on ``device``: packed bytes for Q8_0/Q4_0
-    matrices kept quantized, fp32 for the rest.
+    the arena bytes (a staged or device arena decodes nested planes into scratch). Dense weights count
+    as :func:`load_dense` holds them on ``device``: packed bytes for Q8_0/Q4_0 matrices kept quantized,
+    fp32 for the rest.
     """
     layout = expert_layout(reader)
     planes = PlaneSizes.of(reader)

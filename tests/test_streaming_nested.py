@@ -290,3 +290,12 @@ def test_doctor_times_the_kernels_the_model_is_stored_for(models, tmp_path):
             assert got["quantized_dense"] > 0 and got["compute_s_per_token"] > 0, got
         plain = measure_decode_compute(reader.model_type, reader.config, steps=4)
         assert plain["experts"] == "fp32" and plain["quantized_dense"] == 0
+
+
+def test_bad_compile_decode_setting_is_one_clear_error(models, monkeypatch):
+    """A bad MOESTREAM_COMPILE_DECODE is a SettingError (a MoestreamError: the CLI prints one line)."""
+    from moestream.convert.errors import MoestreamError
+
+    monkeypatch.setenv(COMPILE_DECODE_ENV, "sometimes")
+    with pytest.raises(MoestreamError, match="MOESTREAM_COMPILE_DECODE must be auto, 0 or 1"):
+        load_streaming_model(models["matryoshka_floor"], memory=10 ** 9, ctx=CTX, staged=True)

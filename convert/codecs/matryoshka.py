@@ -60,7 +60,6 @@ def slice_code(q8: np.ndarray, r: int) -> np.ndarray:
     return np.clip((q + (1 << (7 - r))) >> (8 - r), 0, (1 << r) - 1)
 
 
-
 def decode_level(planes: Sequence[torch.Tensor], zero: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, *,
                  plane_bits: tuple[int, ...], stored_bits: int, r: int, slicing: str) -> torch.Tensor:
     """Decode one matrix at a level from its planes into ``out`` (tensors on any one device).
@@ -90,6 +89,7 @@ def decode_level(planes: Sequence[torch.Tensor], zero: torch.Tensor, scale: torc
     m = q.view(R, G, -1) - zero.to(torch.int32)[:, :, None]
     out.view(R, G, -1).copy_(m.to(torch.float32) * scale.to(torch.float32)[:, :, None])
     return out
+
 
 class MatryoshkaCodec(Codec):
     """Nested uniform codes; see the module docstring for the formulas.
